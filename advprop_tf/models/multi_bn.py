@@ -1,0 +1,224 @@
+"""Batch normalization with one full set of BN variables per data domain.
+
+AdvProp normalizes clean and adversarial images with separate statistics
+("disentangled" BN) while every other weight is shared. This layer keeps, per
+domain, gamma, beta, moving mean and moving variance; the first domain is the
+main one, the one kept for inference.
+
+Routing (`domain=` in `call`):
+  * a name: the whole batch uses that domain's BN;
+  * a tuple of names: the batch is split into equal consecutive chunks, chunk i
+    normalized by domain i. This is computed as ONE reshape to
+    [num_chunks, chunk, ..., C] and a reduction per chunk, so a concatenated
+    clean+adversarial batch costs about the same as a plain BN.
+
+BN mode (`bn_mode=`):
+  * "train": batch statistics, moving statistics updated (default when training);
+  * "batch": batch statistics, moving statistics NOT updated (for attacks that
+    must see training-mode BN without side effects);
+  * "inference": moving statistics (default when not training).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+import tensorflow as tf
+
+BN_MODES = ("train", "batch", "inference")
+
+
+def resolve_bn_mode(training, bn_mode):
+    """Return the effective BN mode for a call."""
+    if bn_mode is None:
+        return "train" if training else "inference"
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    return bn_mode
+
+
+@keras.saving.register_keras_serializable(package="advprop_tf")
+class MultiBatchNormalization(keras.layers.Layer):
+    """Channels-last batch normalization with one BN per domain."""
+
+    def __init__(
+        self,
+        domains: Sequence[str] = ("clean", "adv"),
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        synchronized: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        domains = tuple(domains)
+        if not domains:
+            raise ValueError("MultiBatchNormalization needs at least one domain")
+        if len(set(domains)) != len(domains):
+            raise ValueError(f"domain names must be unique, got {domains}")
+        for d in domains:
+            if not isinstance(d, str) or not d or "/" in d:
+                raise ValueError(f"domain names must be non-empty strings without '/', got {d!r}")
+        self.domains = domains
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.synchronized = bool(synchronized)
+        self.supports_masking = False
+        self._vars = {}
+
+    @property
+    def main_domain(self) -> str:
+        return self.domains[0]
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError("MultiBatchNormalization needs a known channel dimension")
+        for d in self.domains:
+            self._vars[d] = {
+                "gamma": self.add_weight(
+                    shape=(channels,), initializer="ones", autocast=False, name=f"{d}_gamma"
+                ),
+                "beta": self.add_weight(
+                    shape=(channels,), initializer="zeros", autocast=False, name=f"{d}_beta"
+                ),
+                "moving_mean": self.add_weight(
+                    shape=(channels,),
+                    initializer="zeros",
+                    trainable=False,
+                    autocast=False,
+                    aggregation="mean",  # replicas' updates are averaged
+                    name=f"{d}_moving_mean",
+                ),
+                "moving_variance": self.add_weight(
+                    shape=(channels,),
+                    initializer="ones",
+                    trainable=False,
+                    autocast=False,
+                    aggregation="mean",
+                    name=f"{d}_moving_variance",
+                ),
+            }
+
+    def domain_variables(self, domain: str) -> dict:
+        """The four variables of one domain: gamma, beta, moving_mean, moving_variance."""
+        self._check_domains((domain,))
+        return self._vars[domain]
+
+    # ------------------------------------------------------------------ call
+    def _check_domains(self, names):
+        for name in names:
+            if name not in self.domains:
+                raise ValueError(
+                    f"unknown BN domain {name!r}; this layer has domains {self.domains}"
+                )
+
+    def _parse_domain(self, domain):
+        if domain is None:
+            return self.main_domain, None
+        if isinstance(domain, str):
+            self._check_domains((domain,))
+            return domain, None
+        names = tuple(domain)
+        if not names:
+            raise ValueError(f"empty domain tuple; this layer has domains {self.domains}")
+        self._check_domains(names)
+        if len(names) == 1:
+            return names[0], None
+        return None, names
+
+    def _moments(self, x, axes):
+        if self.synchronized:
+            ctx = tf.distribute.get_replica_context()
+            if ctx is not None and ctx.num_replicas_in_sync > 1:
+                local_sum = tf.reduce_sum(x, axis=axes, keepdims=True)
+                local_sq = tf.reduce_sum(tf.square(x), axis=axes, keepdims=True)
+                count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), tf.float32)
+                total_sum, total_sq, total_count = ctx.all_reduce(
+                    tf.distribute.ReduceOp.SUM, [local_sum, local_sq, count]
+                )
+                mean = total_sum / total_count
+                variance = tf.maximum(total_sq / total_count - tf.square(mean), 0.0)
+                return mean, variance
+        return tf.nn.moments(x, axes, keepdims=True)
+
+    def _update(self, domain, mean, variance):
+        v = self._vars[domain]
+        m = self.momentum
+        v["moving_mean"].assign(v["moving_mean"] * m + mean * (1.0 - m))
+        v["moving_variance"].assign(v["moving_variance"] * m + variance * (1.0 - m))
+
+    def call(self, inputs, training=None, domain=None, bn_mode=None):
+        single, names = self._parse_domain(domain)
+        mode = resolve_bn_mode(training, bn_mode)
+        x = tf.cast(inputs, tf.float32)  # statistics always in float32
+        if single is not None:
+            y = self._call_single(x, single, mode)
+        else:
+            y = self._call_split(x, names, mode)
+        return tf.cast(y, self.compute_dtype)
+
+    def _call_single(self, x, domain, mode):
+        v = self._vars[domain]
+        if mode == "inference":
+            mean, variance = v["moving_mean"], v["moving_variance"]
+        else:
+            axes = list(range(len(x.shape) - 1))
+            mean, variance = self._moments(x, axes)
+            mean = tf.reshape(mean, [-1])
+            variance = tf.reshape(variance, [-1])
+            if mode == "train":
+                self._update(domain, mean, variance)
+        return tf.nn.batch_normalization(
+            x, mean, variance, v["beta"], v["gamma"], self.epsilon
+        )
+
+    def _call_split(self, x, names, mode):
+        n = len(names)
+        batch = x.shape[0]
+        if batch is not None and batch % n:
+            raise ValueError(
+                f"batch of {batch} cannot be split evenly into the {n} domains {names}"
+            )
+        shape = tf.shape(x)
+        if batch is None:
+            tf.debugging.assert_equal(
+                shape[0] % n,
+                0,
+                message=f"batch cannot be split evenly into the {n} domains {names}",
+            )
+        rank = len(x.shape)
+        # [n, batch/n, ..., C]: chunk i belongs to domain i.
+        xs = tf.reshape(x, tf.concat([[n, -1], shape[1:]], axis=0))
+        param_shape = [n] + [1] * (rank - 1) + [-1]
+
+        def stacked(key):
+            values = [tf.convert_to_tensor(self._vars[d][key]) for d in names]
+            return tf.reshape(tf.stack(values), param_shape)
+
+        if mode == "inference":
+            mean, variance = stacked("moving_mean"), stacked("moving_variance")
+        else:
+            mean, variance = self._moments(xs, list(range(1, rank)))
+            if mode == "train":
+                flat_mean = tf.reshape(mean, [n, -1])
+                flat_var = tf.reshape(variance, [n, -1])
+                for i, d in enumerate(names):
+                    self._update(d, flat_mean[i], flat_var[i])
+        y = tf.nn.batch_normalization(
+            xs, mean, variance, stacked("beta"), stacked("gamma"), self.epsilon
+        )
+        return tf.reshape(y, shape)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            domains=list(self.domains),
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            synchronized=self.synchronized,
+        )
+        return config

@@ -1,0 +1,39 @@
+"""advprop_tf: AdvProp (Xie et al., CVPR 2020) for TensorFlow 2 / Keras 3.
+
+TensorFlow itself is an extra so that each machine installs its own build:
+  pip install -e ".[cpu]"   # tensorflow-cpu (laptops, CI)
+  pip install -e ".[gpu]"   # tensorflow with CUDA
+  pip install -e ".[tpu]"   # TPU VMs: tensorflow plus the TPU runtime (libtpu)
+or install `tensorflow` yourself and then `pip install -e .`.
+"""
+
+from setuptools import find_packages, setup
+
+TF_VERSION = "2.21.*"
+
+setup(
+    name="advprop_tf",
+    version="0.1.0",
+    description="AdvProp: adversarial examples improve image recognition, in TensorFlow 2",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["advprop_tf", "advprop_tf.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "keras>=3.5",
+        "tensorflow-datasets>=4.9",
+        "keras-cv>=0.9",
+        "absl-py>=1.0",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "cpu": [f"tensorflow-cpu=={TF_VERSION}"],
+        "gpu": [f"tensorflow[and-cuda]=={TF_VERSION}"],
+        "tpu": [f"tensorflow=={TF_VERSION}", "libtpu"],
+        "test": ["pytest>=7"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
