@@ -1,0 +1,179 @@
+"""L-infinity PGD in pixel units (0-255), the attacker of AdvProp.
+
+The attack knows nothing of the model's insides: it takes a closure
+`logits_fn(pixels) -> logits`. The caller decides which BN domain and BN mode
+that closure uses, and the closure must not update BN statistics.
+
+Only the input is watched by the gradient tape, so no weight gradient is ever
+computed; the step loop is a `tf.while_loop`, so 1 and 10 steps are one graph
+and the number of steps (and epsilon) may be tensors, e.g. scheduled over
+training.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import tensorflow as tf
+
+PIXEL_MIN = 0.0
+PIXEL_MAX = 255.0
+
+
+def steps_for_epsilon(epsilon) -> int:
+    """The paper's pairing: n = epsilon + 1 iterations, except n = 1 for epsilon = 1."""
+    epsilon = int(epsilon)
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    if epsilon == 0:
+        return 0
+    return 1 if epsilon == 1 else epsilon + 1
+
+
+def steps_for_epsilon_tensor(epsilon):
+    """`steps_for_epsilon` for a scalar tensor (scheduled epsilon inside a graph)."""
+    eps = tf.cast(tf.round(epsilon), tf.int32)
+    return tf.where(eps <= 1, eps, eps + 1)
+
+
+def random_wrong_labels(labels, num_classes: int, seed=None):
+    """A uniformly random class different from each true label."""
+    labels = tf.cast(labels, tf.int32)
+    shape = tf.shape(labels)
+    if seed is None:
+        offsets = tf.random.uniform(shape, 1, num_classes, dtype=tf.int32)
+    else:
+        offsets = tf.random.stateless_uniform(
+            shape, _seed_pair(seed, 1), 1, num_classes, dtype=tf.int32
+        )
+    return (labels + offsets) % num_classes
+
+
+def _seed_pair(seed, salt: int):
+    seed = tf.cast(tf.reshape(seed, [-1]), tf.int32)
+    if seed.shape[0] == 1:
+        seed = tf.concat([seed, [0]], axis=0)
+    return tf.stack([seed[0], seed[1] * 7919 + salt])
+
+
+def _validate(epsilon, num_steps, step_size):
+    """Check Python numbers eagerly; tensors are the caller's responsibility."""
+    if isinstance(epsilon, numbers.Number) and epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    if isinstance(step_size, numbers.Number) and step_size <= 0:
+        raise ValueError(f"step_size must be > 0, got {step_size}")
+    if isinstance(num_steps, numbers.Number):
+        if num_steps < 0:
+            raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+        if num_steps == 0 and isinstance(epsilon, numbers.Number) and epsilon > 0:
+            raise ValueError(f"num_steps is 0 with epsilon={epsilon}: no attack would run")
+
+
+def pgd(
+    logits_fn,
+    pixels,
+    labels,
+    epsilon,
+    num_steps,
+    step_size,
+    targeted: bool = True,
+    random_start: bool = False,
+    num_classes: int | None = None,
+    seed=None,
+):
+    """Projected gradient descent under L-infinity, in pixel units.
+
+    Args:
+      logits_fn: pixels -> logits; must not change the model.
+      pixels: float [N, H, W, C] in [0, 255].
+      labels: int [N], the true classes.
+      epsilon: L-inf radius in pixels (0-255 scale); 0 returns `pixels`.
+      num_steps: iterations (graph loop; may be a tensor).
+      step_size: pixels moved per step, times sign(gradient).
+      targeted: descend the loss of a random wrong class per example (the
+        authors' choice); otherwise ascend the loss of the true class.
+      random_start: start from a uniform point in the epsilon-ball.
+      num_classes: needed for targeted attacks; inferred from the logits if None.
+      seed: int or int pair for deterministic targets and start; None uses
+        TensorFlow's global random state.
+
+    Returns:
+      Adversarial pixels, same shape and dtype as `pixels`, no gradient.
+    """
+    _validate(epsilon, num_steps, step_size)
+    if isinstance(epsilon, numbers.Number) and epsilon == 0:
+        return tf.stop_gradient(tf.convert_to_tensor(pixels))
+    return _pgd_graph(
+        logits_fn,
+        tf.convert_to_tensor(pixels),
+        tf.convert_to_tensor(labels),
+        tf.convert_to_tensor(epsilon, tf.float32),
+        tf.convert_to_tensor(num_steps, tf.int32),
+        tf.convert_to_tensor(step_size, tf.float32),
+        bool(targeted),
+        bool(random_start),
+        num_classes,
+        None if seed is None else tf.convert_to_tensor(seed, tf.int32),
+    )
+
+
+def _attack_loss(logits, labels, targeted_labels, targeted):
+    """Summed cross-entropy; its gradient sign is what PGD follows."""
+    logits = tf.cast(logits, tf.float32)
+    if targeted:
+        # minimise the loss of the target == maximise its negative
+        return -tf.reduce_sum(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(targeted_labels, logits)
+        )
+    return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+
+
+@tf.function(autograph=False)
+def _pgd_graph(
+    logits_fn, pixels, labels, epsilon, num_steps, step_size, targeted, random_start,
+    num_classes, seed,
+):
+    dtype = pixels.dtype
+    x_clean = tf.cast(pixels, tf.float32)
+    labels = tf.cast(labels, tf.int32)
+    lower = tf.maximum(x_clean - epsilon, PIXEL_MIN)
+    upper = tf.minimum(x_clean + epsilon, PIXEL_MAX)
+
+    if random_start:
+        shape = tf.shape(x_clean)
+        if seed is None:
+            noise = tf.random.uniform(shape, -1.0, 1.0)
+        else:
+            noise = tf.random.stateless_uniform(shape, _seed_pair(seed, 2), -1.0, 1.0)
+        x_start = tf.clip_by_value(x_clean + epsilon * noise, lower, upper)
+    else:
+        x_start = x_clean
+
+    if targeted:
+        if num_classes is None:
+            num_classes = int(logits_fn(tf.cast(x_clean[:1], dtype)).shape[-1])
+        target_labels = random_wrong_labels(labels, num_classes, seed)
+    else:
+        target_labels = labels
+
+    def step(i, x):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(x)
+            loss = _attack_loss(logits_fn(tf.cast(x, dtype)), labels, target_labels, targeted)
+        grad = tape.gradient(loss, x)
+        x = x + step_size * tf.sign(grad)
+        return i + 1, tf.clip_by_value(x, lower, upper)
+
+    _, x_adv = tf.while_loop(
+        lambda i, _: i < num_steps,
+        step,
+        (tf.constant(0, tf.int32), x_start),
+        parallel_iterations=1,
+    )
+    return tf.stop_gradient(tf.cast(x_adv, dtype))
+
+
+def fgsm(logits_fn, pixels, labels, epsilon, targeted=False, num_classes=None, seed=None):
+    """Fast gradient sign method: one PGD step of size epsilon."""
+    return pgd(logits_fn, pixels, labels, epsilon, 1, epsilon, targeted=targeted,
+               random_start=False, num_classes=num_classes, seed=seed)

@@ -1,0 +1,231 @@
+"""Training objectives, side by side in one registry; the loop is the same for all.
+
+A method is a small function
+
+    method(model, images, labels, ctx) -> (loss_sum, metrics)
+
+* `images`: float pixels [B, H, W, 3] in [0, 255], or a dict of views of the
+  same B images ({"clean": ..., "autoaugment": ...}) for N-domain AdvProp;
+* `loss_sum`: the objective SUMMED over examples; the loop divides it by the
+  global clean batch size (so AdvProp's loss is mean clean CE + mean adv CE)
+  and adds weight decay;
+* `metrics`: per-example float vectors ("clean_loss", "clean_correct",
+  "adv_loss", "adv_correct", ...) that the loop sums across replicas;
+* `ctx`: a `StepContext` with the loss function (label smoothing lives there,
+  applied the same way for every method), the current attack strength and a
+  per-step seed.
+
+Registered methods: vanilla, advprop (N-domain when the model has more than
+two domains), adversarial (Madry), mixed (clean + adversarial through ONE BN).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import tensorflow as tf
+
+from advprop_tf.attacks.pgd import pgd
+
+ATTACK_BN_MODES = ("batch", "inference")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+    """PGD settings in pixel units. `attack_bn_mode` is how BN runs during the attack.
+
+    "batch" (default): batch statistics, NOT written back. The attack then sees
+      the same function the training forward pass computes for the adversarial
+      half, and does not depend on the auxiliary BN's running statistics, which
+      lag far behind early in training (momentum 0.99) and are never used at
+      inference anyway.
+    "inference": the domain's running statistics (the choice of the PyTorch
+      re-implementations).
+    """
+
+    epsilon: float = 1.0
+    num_steps: int = 1
+    step_size: float = 1.0
+    targeted: bool = True
+    random_start: bool = False
+    attack_bn_mode: str = "batch"
+
+    def __post_init__(self):
+        if self.epsilon < 0:
+            raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
+        if self.step_size <= 0:
+            raise ValueError(f"step_size must be > 0, got {self.step_size}")
+        if self.num_steps < 0 or (self.num_steps == 0 and self.epsilon > 0):
+            raise ValueError(f"num_steps must be >= 1 when epsilon > 0, got {self.num_steps}")
+        if self.attack_bn_mode not in ATTACK_BN_MODES:
+            raise ValueError(
+                f"attack_bn_mode must be one of {ATTACK_BN_MODES}, got {self.attack_bn_mode!r}"
+            )
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What a method needs from the loop for one step."""
+
+    loss_fn: Callable  # (labels, logits) -> per-example loss
+    attack: AttackConfig
+    epsilon: object = None  # scheduled epsilon (scalar tensor) overriding attack.epsilon
+    num_steps: object = None  # scheduled steps (scalar tensor) overriding attack.num_steps
+    seed: object = None  # int pair tensor for the attack's randomness, or None
+    clean_weight: float = 1.0
+    adv_weight: float = 1.0
+
+
+def is_adversarial_domain(name: str) -> bool:
+    return name.startswith("adv")
+
+
+def clean_view(images):
+    return images["clean"] if isinstance(images, dict) else images
+
+
+def attack(model, pixels, labels, domain, ctx: StepContext):
+    """PGD through `domain`'s BN, in the configured BN mode, without side effects."""
+    cfg = ctx.attack
+
+    def logits_fn(x):
+        return model(x, training=False, domain=domain, bn_mode=cfg.attack_bn_mode)
+
+    return pgd(
+        logits_fn,
+        pixels,
+        labels,
+        epsilon=cfg.epsilon if ctx.epsilon is None else ctx.epsilon,
+        num_steps=cfg.num_steps if ctx.num_steps is None else ctx.num_steps,
+        step_size=cfg.step_size,
+        targeted=cfg.targeted,
+        random_start=cfg.random_start,
+        num_classes=model.num_classes,
+        seed=ctx.seed,
+    )
+
+
+def _loss_and_metrics(prefix, labels, logits, ctx):
+    loss = ctx.loss_fn(labels, logits)
+    correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(labels, tf.int32)), tf.float32)
+    return loss, {f"{prefix}_loss": loss, f"{prefix}_correct": correct}
+
+
+def vanilla(model, images, labels, ctx):
+    """Clean images through the main BN."""
+    logits = model(clean_view(images), training=True, domain=model.main_domain)
+    loss, metrics = _loss_and_metrics("clean", labels, logits, ctx)
+    return tf.reduce_sum(loss), metrics
+
+
+def advprop(model, images, labels, ctx):
+    """AdvProp: each domain's images through its own BN, in ONE forward pass.
+
+    With domains ("clean", "adv") the adversarial copies are made through the
+    auxiliary BN, then [clean; adv] runs once with domain=("clean", "adv").
+    More domains (e.g. ("clean", "autoaugment", "adv")) take their images
+    from the views the input pipeline provides; every domain whose name starts
+    with "adv" is the PGD copy of the clean view made through its own BN.
+    """
+    clean = clean_view(images)
+    batches = []
+    for domain in model.domains:
+        if domain == model.main_domain:
+            batches.append(clean)
+        elif is_adversarial_domain(domain):
+            batches.append(attack(model, clean, labels, domain, ctx))
+        else:
+            if not isinstance(images, dict) or domain not in images:
+                raise ValueError(
+                    f"domain {domain!r} needs the input view {domain!r}; "
+                    f"the input pipeline provides {sorted(images) if isinstance(images, dict) else ['clean']}"
+                )
+            batches.append(images[domain])
+    logits = model(tf.concat(batches, axis=0), training=True, domain=model.domains)
+    total = 0.0
+    metrics = {}
+    for domain, domain_logits in zip(model.domains, tf.split(logits, len(model.domains))):
+        prefix = "clean" if domain == model.main_domain else domain
+        loss, m = _loss_and_metrics(prefix, labels, domain_logits, ctx)
+        weight = ctx.clean_weight if domain == model.main_domain else ctx.adv_weight
+        total += weight * tf.reduce_sum(loss)
+        metrics.update(m)
+    return total, metrics
+
+
+def adversarial(model, images, labels, ctx):
+    """Madry adversarial training: adversarial examples only, main BN."""
+    adv = attack(model, clean_view(images), labels, model.main_domain, ctx)
+    logits = model(adv, training=True, domain=model.main_domain)
+    loss, metrics = _loss_and_metrics("adv", labels, logits, ctx)
+    return tf.reduce_sum(loss), metrics
+
+
+def mixed(model, images, labels, ctx):
+    """Clean + adversarial through the SAME (main) BN: the paper's Eq. 3 baseline."""
+    clean = clean_view(images)
+    adv = attack(model, clean, labels, model.main_domain, ctx)
+    logits = model(tf.concat([clean, adv], axis=0), training=True, domain=model.main_domain)
+    clean_logits, adv_logits = tf.split(logits, 2)
+    clean_loss, metrics = _loss_and_metrics("clean", labels, clean_logits, ctx)
+    adv_loss, adv_metrics = _loss_and_metrics("adv", labels, adv_logits, ctx)
+    metrics.update(adv_metrics)
+    total = ctx.clean_weight * tf.reduce_sum(clean_loss) + ctx.adv_weight * tf.reduce_sum(adv_loss)
+    return total, metrics
+
+
+METHODS = {
+    "vanilla": vanilla,
+    "advprop": advprop,
+    "adversarial": adversarial,
+    "mixed": mixed,
+}
+
+# Methods that train auxiliary BNs; the others use the main BN only.
+MULTI_DOMAIN_METHODS = ("advprop",)
+
+
+def get_method(name: str):
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def parse_epsilon_schedule(text: str):
+    """'0:1,0.5:2,0.8:4' -> [(0.0, 1.0), (0.5, 2.0), (0.8, 4.0)] (fraction of training, epsilon).
+
+    Fine-grained AdvProp: from each fraction of the training steps on, use that
+    epsilon (and the paper's number of steps for it, unless fixed).
+    """
+    pairs = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            fraction, eps = (float(v) for v in item.split(":"))
+        except ValueError:
+            raise ValueError(f"epsilon schedule item {item!r} is not 'fraction:epsilon'") from None
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"epsilon schedule fraction {fraction} is not in [0, 1)")
+        if eps < 0:
+            raise ValueError(f"epsilon schedule epsilon {eps} is negative")
+        pairs.append((fraction, eps))
+    if not pairs:
+        raise ValueError("epsilon schedule is empty")
+    fractions = [f for f, _ in pairs]
+    if fractions != sorted(fractions) or len(set(fractions)) != len(fractions):
+        raise ValueError(f"epsilon schedule fractions must increase, got {fractions}")
+    if fractions[0] != 0.0:
+        raise ValueError("epsilon schedule must start at fraction 0")
+    return pairs
+
+
+def scheduled_epsilon(schedule, step, total_steps):
+    """Epsilon (scalar float tensor) at `step` of `total_steps` for a parsed schedule."""
+    step = tf.cast(step, tf.float32)
+    boundaries = tf.constant([f * total_steps for f, _ in schedule], tf.float32)
+    values = tf.constant([e for _, e in schedule], tf.float32)
+    index = tf.reduce_sum(tf.cast(step >= boundaries, tf.int32)) - 1
+    return values[tf.maximum(index, 0)]

@@ -1,0 +1,1 @@
+"""Strategy-agnostic training: optimizer and schedule, EMA, train step, loop, checkpoints."""

@@ -1,0 +1,45 @@
+"""Exponential moving average of ALL model weights, BN moving statistics included.
+
+The authors average every variable (tf.train.ExponentialMovingAverage with
+num_updates = global step, so the decay is min(decay, (1 + t) / (10 + t))) and
+evaluate and export with the averages. Keras' optimizer EMA covers only
+trainable variables, hence this small class.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+class ExponentialMovingAverage(tf.Module):
+    def __init__(self, model, decay: float = 0.9999):
+        super().__init__(name="ema")
+        self.decay = float(decay)
+        self._model_variables = list(model.weights)
+        self.shadows = [
+            tf.Variable(tf.convert_to_tensor(v), trainable=False, name=v.path.replace("/", "__"))
+            for v in self._model_variables
+        ]
+
+    def effective_decay(self, step):
+        step = tf.cast(step, tf.float32)
+        return tf.minimum(self.decay, (1.0 + step) / (10.0 + step))
+
+    def update(self, step):
+        """Move every shadow toward its variable (call in cross-replica context)."""
+        decay = self.effective_decay(step)
+        for shadow, variable in zip(self.shadows, self._model_variables):
+            value = tf.cast(tf.convert_to_tensor(variable), shadow.dtype)
+            shadow.assign(shadow * decay + value * (1.0 - decay))
+
+    def copy_to(self, model):
+        """Write the averages into `model` (same architecture as the tracked one)."""
+        for shadow, variable in zip(self.shadows, model.weights):
+            variable.assign(tf.cast(shadow, variable.dtype))
+
+    def swap(self):
+        """Exchange model values and averages (call twice to undo)."""
+        for shadow, variable in zip(self.shadows, self._model_variables):
+            current = tf.convert_to_tensor(variable)
+            variable.assign(tf.cast(shadow, variable.dtype))
+            shadow.assign(tf.cast(current, shadow.dtype))

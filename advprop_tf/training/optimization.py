@@ -1,0 +1,133 @@
+"""The authors' optimizer, learning-rate schedule, weight decay and loss."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+BASE_LEARNING_RATE = 0.016  # per 256 images
+
+
+@keras.saving.register_keras_serializable(package="advprop_tf")
+class WarmupExponentialDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """lr * decay_rate ** floor(step / decay_steps), linearly warmed up from 0.
+
+    As the authors: the staircase decay counts from step 0 and the warm-up
+    simply replaces it for the first `warmup_steps` steps.
+    """
+
+    def __init__(self, learning_rate, decay_steps, decay_rate=0.97, warmup_steps=0):
+        self.learning_rate = float(learning_rate)
+        self.decay_steps = max(1.0, float(decay_steps))
+        self.decay_rate = float(decay_rate)
+        self.warmup_steps = float(warmup_steps)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        decayed = self.learning_rate * tf.pow(self.decay_rate, tf.floor(step / self.decay_steps))
+        if self.warmup_steps <= 0:
+            return decayed
+        warmup = self.learning_rate * step / self.warmup_steps
+        return tf.where(step < self.warmup_steps, warmup, decayed)
+
+    def get_config(self):
+        return dict(learning_rate=self.learning_rate, decay_steps=self.decay_steps,
+                    decay_rate=self.decay_rate, warmup_steps=self.warmup_steps)
+
+
+@keras.saving.register_keras_serializable(package="advprop_tf")
+class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up then cosine decay to 0 at `total_steps` (for small experiments)."""
+
+    def __init__(self, learning_rate, total_steps, warmup_steps=0):
+        self.learning_rate = float(learning_rate)
+        self.total_steps = max(1.0, float(total_steps))
+        self.warmup_steps = float(warmup_steps)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        span = tf.maximum(self.total_steps - self.warmup_steps, 1.0)
+        progress = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
+        cosine = 0.5 * self.learning_rate * (1.0 + tf.cos(math.pi * progress))
+        if self.warmup_steps <= 0:
+            return cosine
+        return tf.where(step < self.warmup_steps, self.learning_rate * step / self.warmup_steps, cosine)
+
+    def get_config(self):
+        return dict(learning_rate=self.learning_rate, total_steps=self.total_steps,
+                    warmup_steps=self.warmup_steps)
+
+
+def scaled_learning_rate(global_batch_size: int, base: float = BASE_LEARNING_RATE) -> float:
+    """0.016 x global_batch / 256, the authors' linear scaling."""
+    return base * global_batch_size / 256.0
+
+
+def make_schedule(name, learning_rate, steps_per_epoch, total_steps, warmup_epochs=5.0,
+                  decay_epochs=2.4, decay_rate=0.97):
+    warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+    if name == "exponential":
+        return WarmupExponentialDecay(learning_rate, decay_epochs * steps_per_epoch, decay_rate, warmup_steps)
+    if name == "cosine":
+        return WarmupCosineDecay(learning_rate, total_steps, warmup_steps)
+    if name == "constant":
+        return WarmupExponentialDecay(learning_rate, 1, 1.0, warmup_steps)
+    raise ValueError(f"unknown learning-rate schedule {name!r}; valid: exponential, cosine, constant")
+
+
+def make_optimizer(name, schedule, model=None, skip_non_finite=False, loss_scaling=False):
+    """RMSProp(rho 0.9, momentum 0.9, eps 1e-3) as the authors, or SGD with Nesterov momentum.
+
+    The RMSProp accumulators start at 1, as in TF1's RMSPropOptimizer that the
+    authors used (Keras starts them at 0, which makes the first steps huge).
+    `loss_scaling` (float16) or `skip_non_finite` wrap it in a
+    LossScaleOptimizer, which skips any step whose gradients are not finite.
+    """
+    if name == "rmsprop":
+        optimizer = keras.optimizers.RMSprop(schedule, rho=0.9, momentum=0.9, epsilon=1e-3)
+    elif name == "sgd":
+        optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; valid: rmsprop, sgd")
+    if model is not None:
+        optimizer.build(model.trainable_variables)
+        if name == "rmsprop":
+            for velocity in optimizer._velocities:
+                velocity.assign(tf.ones_like(velocity))
+    if loss_scaling or skip_non_finite:
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            optimizer, initial_scale=2.0**15 if loss_scaling else 1.0,
+            dynamic_growth_steps=2000 if loss_scaling else 10**9,
+        )
+        if model is not None:
+            optimizer.build(model.trainable_variables)
+    return optimizer
+
+
+def non_bn_trainable_variables(model):
+    """Trainable variables that weight decay applies to: all but BN gamma/beta."""
+    bn_ids = {id(v) for layer in model.bn_layers() for v in layer.weights}
+    return [v for v in model.trainable_variables if id(v) not in bn_ids]
+
+
+def weight_decay_loss(model, weight_decay: float):
+    """weight_decay x sum of l2_loss (sum of squares / 2) over non-BN trainable weights."""
+    if weight_decay <= 0:
+        return tf.constant(0.0)
+    return weight_decay * tf.add_n(
+        [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in non_bn_trainable_variables(model)]
+    )
+
+
+def make_loss_fn(num_classes: int, label_smoothing: float = 0.1):
+    """Per-example softmax cross-entropy with label smoothing."""
+
+    def loss_fn(labels, logits):
+        onehot = tf.one_hot(tf.cast(labels, tf.int32), num_classes)
+        if label_smoothing:
+            onehot = onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
+        return tf.nn.softmax_cross_entropy_with_logits(onehot, tf.cast(logits, tf.float32))
+
+    return loss_fn
