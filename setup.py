@@ -24,6 +24,7 @@ setup(
         "tensorflow-datasets>=4.9",
         "keras-cv>=0.9",
         "absl-py>=1.0",
+        "tensorboard>=2.15",
         "numpy>=1.26",
     ],
     extras_require={

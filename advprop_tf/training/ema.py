@@ -25,9 +25,14 @@ class ExponentialMovingAverage(tf.Module):
         step = tf.cast(step, tf.float32)
         return tf.minimum(self.decay, (1.0 + step) / (10.0 + step))
 
-    def update(self, step):
-        """Move every shadow toward its variable (call in cross-replica context)."""
+    def update(self, step, hold=None):
+        """Move every shadow toward its variable (call in cross-replica context).
+
+        `hold` (bool tensor): keep the shadows as they are this time (a skipped step).
+        """
         decay = self.effective_decay(step)
+        if hold is not None:
+            decay = tf.where(hold, 1.0, decay)
         for shadow, variable in zip(self.shadows, self._model_variables):
             value = tf.cast(tf.convert_to_tensor(variable), shadow.dtype)
             shadow.assign(shadow * decay + value * (1.0 - decay))

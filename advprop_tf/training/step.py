@@ -31,6 +31,7 @@ class StepConfig:
     adv_weight: float = 1.0
     seed: int = 0
     jit_compile: bool = False
+    skip_non_finite: bool = False  # a step with a non-finite loss changes nothing (pair with a LossScaleOptimizer)
 
 
 class TrainStep:
@@ -46,9 +47,19 @@ class TrainStep:
         self.loss_fn = make_loss_fn(config.num_classes, config.label_smoothing)
         with self.strategy.scope():
             self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        self._compute = tf.function(self._compute_gradients, jit_compile=config.jit_compile)
+        # XLA compiles attack + forward + backward as one nested function. Without
+        # it nothing is nested: replica-context BN updates must not sit in a
+        # nested tf.function under MirroredStrategy.
+        if config.jit_compile:
+            self._compute = tf.function(self._compute_gradients, jit_compile=True)
+        else:
+            self._compute = self._compute_gradients
         self.run_loop = tf.function(self._run_loop)
         self.run_batch = tf.function(self._run_batch)
+
+    @property
+    def current_step(self) -> int:
+        return int(self.global_step.numpy())
 
     # ----------------------------------------------------------- replica side
     def _context(self, step):
@@ -72,7 +83,9 @@ class TrainStep:
         num_replicas = self.strategy.num_replicas_in_sync
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
-            loss_sum, metrics = self.method(self.model, images, labels, self._context(step))
+            ctx = self._context(step)
+            ctx.pause_recording = tape.stop_recording
+            loss_sum, metrics = self.method(self.model, images, labels, ctx)
             loss = loss_sum / cfg.global_batch_size
             loss += weight_decay_loss(self.model, cfg.weight_decay) / num_replicas
             scaled = self.optimizer.scale_loss(loss)
@@ -84,7 +97,26 @@ class TrainStep:
         return grads, sums
 
     def _replica_step(self, images, labels, step):
-        grads, sums = self._compute(images, labels, step)
+        if self.config.skip_non_finite:
+            return self._replica_step_skipping_non_finite(images, labels, step)
+        return self._apply(*self._compute(images, labels, step))
+
+    def _replica_step_skipping_non_finite(self, images, labels, step):
+        """As _replica_step, but a non-finite loss on any replica leaves BN statistics as they were.
+
+        (The LossScaleOptimizer skips the weight update itself.)
+        """
+        statistics = self.model.non_trainable_variables
+        saved = [tf.identity(tf.convert_to_tensor(v)) for v in statistics]
+        with tf.control_dependencies(saved):
+            grads, sums = self._compute(images, labels, step)
+        ctx = tf.distribute.get_replica_context()
+        bad = ctx.all_reduce(tf.distribute.ReduceOp.SUM, sums["non_finite"]) > 0
+        for variable, value in zip(statistics, saved):
+            variable.assign(tf.where(bad, value, tf.convert_to_tensor(variable)))
+        return self._apply(grads, sums)
+
+    def _apply(self, grads, sums):
         # Variables the method does not use (auxiliary BNs of single-BN
         # methods) have no gradient: leave them and their optimizer slots alone.
         pairs = [(g, v) for g, v in zip(grads, self.model.trainable_variables) if g is not None]
@@ -101,7 +133,7 @@ class TrainStep:
         }
         self.global_step.assign_add(1)
         if self.ema is not None:
-            self.ema.update(self.global_step)
+            self.ema.update(self.global_step, hold=sums["non_finite"] > 0 if self.config.skip_non_finite else None)
         return sums
 
     def _run_batch(self, images, labels):

@@ -1,0 +1,209 @@
+"""All training flags, grouped, and their validation.
+
+Invalid values and contradictory combinations are found here, before any
+graph is built; each problem is reported as one line naming the flag.
+A config file is an absl flagfile (configs/*.flags); flags given on the
+command line after --flagfile override it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags
+
+from advprop_tf.attacks.pgd import steps_for_epsilon
+from advprop_tf.data.sources import SOURCE_KINDS
+from advprop_tf.methods import ATTACK_BN_MODES, METHODS, parse_epsilon_schedule
+from advprop_tf.models.efficientnet import INPUT_NORMALIZATIONS, MODEL_NAMES
+
+FLAGS = flags.FLAGS
+
+
+class FlagError(ValueError):
+    """A bad flag value: `flag` names it."""
+
+    def __init__(self, flag: str, reason: str):
+        super().__init__(f"--{flag}: {reason}")
+        self.flag = flag
+
+
+class _Definer:
+    """flags.DEFINE_* bound to one FlagValues (the global FLAGS, or a fresh one for make_config)."""
+
+    def __init__(self, flag_values):
+        self._fv = flag_values
+
+    def __getattr__(self, name):
+        define = getattr(flags, name)
+        return lambda *args, **kwargs: define(*args, flag_values=self._fv, **kwargs)
+
+
+def define_train_flags(flag_values=FLAGS):
+    d = _Definer(flag_values)
+    # -- model
+    d.DEFINE_string("model", "efficientnet-b0", f"One of {', '.join(MODEL_NAMES)}.")
+    d.DEFINE_integer("num_classes", None, "Classes; default: from the dataset (1000 for TFRecords).")
+    d.DEFINE_integer("resolution", None, "Input size; default: the model's.")
+    d.DEFINE_float("width_coefficient", None, "Override the model's width multiplier.")
+    d.DEFINE_float("depth_coefficient", None, "Override the model's depth multiplier.")
+    d.DEFINE_float("dropout_rate", None, "Override the model's head dropout.")
+    d.DEFINE_float("drop_connect_rate", 0.2, "Stochastic depth of the last block.")
+    d.DEFINE_enum("input_normalization", "inception", list(INPUT_NORMALIZATIONS),
+                      "How the model maps [0, 255] pixels: AdvProp checkpoints use inception ([-1, 1]).")
+    d.DEFINE_list("aux_domains", ["adv"],
+                      "Auxiliary BN domains of AdvProp after 'clean': names starting with 'adv' get PGD "
+                      "images, others an input view (randaugment), e.g. randaugment,adv.")
+    d.DEFINE_bool("sync_bn", False, "Synchronize BN statistics across replicas.")
+    # -- data
+    d.DEFINE_string("dataset", "synthetic", f"Data source: {', '.join(k + ':...' for k in SOURCE_KINDS[1:])} or synthetic.")
+    d.DEFINE_string("data_dir", None, "Location for tfrecord/folder sources, or TFDS data_dir.")
+    d.DEFINE_float("holdout_fraction", 0.0, "folder: fraction of images held out for validation.")
+    d.DEFINE_integer("synthetic_examples", 10_000, "synthetic: training examples.")
+    d.DEFINE_integer("num_train_examples", None, "Examples per epoch when the source cannot tell (TFRecords: 1281167).")
+    d.DEFINE_enum("augment", "none", ["none", "randaugment"], "Augmentation of the clean images.")
+    d.DEFINE_integer("randaugment_layers", 2, "RandAugment layers.")
+    d.DEFINE_float("randaugment_magnitude", 10.0, "RandAugment magnitude (authors' scale, 10 = max).")
+    d.DEFINE_integer("shuffle_buffer", 10_000, "Shuffle buffer (examples).")
+    d.DEFINE_integer("seed", None, "Seed for a deterministic input order and attack randomness.")
+    # -- method
+    d.DEFINE_enum("method", "advprop", list(METHODS), "Training objective.")
+    d.DEFINE_float("epsilon", 1.0, "PGD L-inf radius in pixels (0-255).")
+    d.DEFINE_integer("attack_steps", None, "PGD iterations; default: the paper's epsilon+1 (1 for epsilon 1).")
+    d.DEFINE_float("attack_step_size", 1.0, "PGD step in pixels.")
+    d.DEFINE_bool("targeted", True, "Attack toward a random wrong class (authors) or not.")
+    d.DEFINE_bool("random_start", False, "Start PGD at a random point of the epsilon-ball.")
+    d.DEFINE_enum("attack_bn_mode", "inference", list(ATTACK_BN_MODES),
+                      "BN during the attack: running statistics (authors' adversarial training code), "
+                      "or batch statistics that are not written back.")
+    d.DEFINE_string("epsilon_schedule", "", "Fine-grained AdvProp: 'fraction:eps,...', e.g. 0:1,0.5:2,0.8:4.")
+    d.DEFINE_float("clean_loss_weight", 1.0, "Weight of the clean loss.")
+    d.DEFINE_float("adv_loss_weight", 1.0, "Weight of each auxiliary domain's loss.")
+    # -- optimization
+    d.DEFINE_integer("train_batch_size", 2048, "Global batch of clean images.")
+    d.DEFINE_integer("eval_batch_size", 1024, "Global eval batch.")
+    d.DEFINE_float("train_epochs", 350.0, "Training length in epochs (ignored if --train_steps).")
+    d.DEFINE_integer("train_steps", None, "Training length in steps.")
+    d.DEFINE_enum("optimizer", "rmsprop", ["rmsprop", "sgd"], "RMSProp (authors) or SGD+Nesterov.")
+    d.DEFINE_enum("lr_schedule", "exponential", ["exponential", "cosine", "constant"], "Learning-rate schedule.")
+    d.DEFINE_float("base_learning_rate", 0.016, "Learning rate per 256 images.")
+    d.DEFINE_float("warmup_epochs", 5.0, "Linear warm-up.")
+    d.DEFINE_float("lr_decay_epochs", 2.4, "Staircase decay period.")
+    d.DEFINE_float("lr_decay_rate", 0.97, "Staircase decay factor.")
+    d.DEFINE_float("weight_decay", 1e-5, "L2 on non-BN weights (x sum of l2_loss).")
+    d.DEFINE_float("label_smoothing", 0.1, "Label smoothing.")
+    d.DEFINE_float("ema_decay", 0.9999, "EMA of weights and BN statistics; 0 disables.")
+    d.DEFINE_enum("mixed_precision", "none", ["none", "float16", "bfloat16"], "Mixed precision.")
+    d.DEFINE_bool("jit_compile", False, "XLA-compile attack + forward + backward.")
+    d.DEFINE_enum("on_nan", "stop", ["stop", "skip"], "Non-finite loss: stop the run, or skip the step.")
+    # -- run
+    d.DEFINE_string("model_dir", None, "Checkpoints, summaries, eval results, export.")
+    d.DEFINE_integer("steps_per_loop", 50, "Steps per host loop call (and log line).")
+    d.DEFINE_integer("checkpoint_every_steps", 1000, "Checkpoint period.")
+    d.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
+    d.DEFINE_integer("eval_every_steps", 0, "Evaluation period (0: only at the end).")
+    d.DEFINE_integer("eval_steps", 0, "Eval batches (0: the whole split).")
+    d.DEFINE_bool("checkpoint_input_pipeline", True, "Save the input iterator's position (not on TPU).")
+    # -- strategy
+    d.DEFINE_string("tpu", "", "TPU name, or 'local' on a TPU VM.")
+    d.DEFINE_integer("num_gpus", -1, "GPUs for MirroredStrategy (-1: all visible).")
+    d.DEFINE_string("worker_hosts", "", "host:port,... for MultiWorkerMirroredStrategy (or TF_CONFIG).")
+    d.DEFINE_integer("task_index", 0, "This worker's index in --worker_hosts.")
+
+
+def make_config(**overrides):
+    """A namespace with every training flag at its default, then `overrides` (for tests and tools)."""
+    import types
+
+    fv = flags.FlagValues()
+    define_train_flags(fv)
+    fv(["advprop_tf"])
+    values = {name: fv[name].value for name in fv}
+    for name, value in overrides.items():
+        if name not in values:
+            raise FlagError(name, "unknown flag")
+        values[name] = value
+    return types.SimpleNamespace(**values)
+
+
+def config_from_flags(f=FLAGS):
+    import types
+
+    fv = flags.FlagValues()
+    define_train_flags(fv)
+    return types.SimpleNamespace(**{name: f[name].value for name in fv})
+
+
+def model_domains(method: str, aux_domains) -> tuple:
+    if method == "advprop":
+        return ("clean",) + tuple(aux_domains)
+    return ("clean",)
+
+
+def validate_train_flags(f=FLAGS):
+    """Raise FlagError for the first invalid flag or combination (no graph is built)."""
+    if f.model not in MODEL_NAMES:
+        raise FlagError("model", f"unknown model {f.model!r}; valid: {', '.join(MODEL_NAMES)}")
+    if not f.model_dir:
+        raise FlagError("model_dir", "is required (checkpoints, summaries and the export go there)")
+    if f.epsilon < 0:
+        raise FlagError("epsilon", f"must be >= 0, got {f.epsilon:g}")
+    if f.attack_step_size <= 0:
+        raise FlagError("attack_step_size", f"must be > 0, got {f.attack_step_size:g}")
+    if f.attack_steps is not None and f.attack_steps < 1 and f.epsilon > 0:
+        raise FlagError("attack_steps", f"must be >= 1 when --epsilon > 0, got {f.attack_steps}")
+    if f.epsilon_schedule:
+        if f.method == "vanilla":
+            raise FlagError("epsilon_schedule", "contradicts --method=vanilla, which has no attack")
+        try:
+            parse_epsilon_schedule(f.epsilon_schedule)
+        except ValueError as e:
+            raise FlagError("epsilon_schedule", str(e)) from None
+    for name in ("train_batch_size", "eval_batch_size", "steps_per_loop", "checkpoint_every_steps"):
+        if getattr(f, name) < 1:
+            raise FlagError(name, f"must be >= 1, got {getattr(f, name)}")
+    if f.train_steps is not None and f.train_steps < 1:
+        raise FlagError("train_steps", f"must be >= 1, got {f.train_steps}")
+    if f.train_steps is None and f.train_epochs <= 0:
+        raise FlagError("train_epochs", f"must be > 0, got {f.train_epochs:g}")
+    if f.resolution is not None and f.resolution < 32:
+        raise FlagError("resolution", f"must be >= 32 (the network downsamples 32x), got {f.resolution}")
+    if f.num_classes is not None and f.num_classes < 2:
+        raise FlagError("num_classes", f"must be >= 2, got {f.num_classes}")
+    if not 0 <= f.label_smoothing < 1:
+        raise FlagError("label_smoothing", f"must be in [0, 1), got {f.label_smoothing:g}")
+    if not 0 <= f.ema_decay < 1:
+        raise FlagError("ema_decay", f"must be in [0, 1), got {f.ema_decay:g}")
+    if f.method == "advprop":
+        if not f.aux_domains:
+            raise FlagError("aux_domains", "AdvProp needs at least one auxiliary domain, e.g. adv")
+        if len(set(f.aux_domains)) != len(f.aux_domains) or "clean" in f.aux_domains:
+            raise FlagError("aux_domains", f"names must be unique and not 'clean', got {f.aux_domains}")
+        if not any(d.startswith("adv") for d in f.aux_domains):
+            raise FlagError("aux_domains", f"AdvProp needs an adversarial domain (a name starting with 'adv'), got {f.aux_domains}")
+        for d in f.aux_domains:
+            if not d.startswith("adv") and d != "randaugment":
+                raise FlagError("aux_domains", f"{d!r} is neither adversarial (adv...) nor an input view (randaugment)")
+    if f.mixed_precision == "float16" and f.tpu:
+        raise FlagError("mixed_precision", "float16 is for GPUs; use bfloat16 on TPU")
+    if f.tpu and f.num_gpus > 0:
+        raise FlagError("tpu", "contradicts --num_gpus: choose TPU or GPUs")
+    kind = f.dataset.partition(":")[0]
+    if kind not in SOURCE_KINDS:
+        raise FlagError("dataset", f"unknown data source {f.dataset!r}; valid kinds: {', '.join(SOURCE_KINDS)}")
+    location = f.dataset.partition(":")[2]
+    if kind in ("folder", "tfrecord") and not (location or f.data_dir):
+        raise FlagError("data_dir", f"--dataset={f.dataset} needs a location: '{kind}:<path>' or --data_dir")
+    if kind in ("folder", "tfrecord"):
+        path = location or f.data_dir
+        if "*" not in path and "{split}" not in path and not os.path.exists(path):
+            flag = "dataset" if location else "data_dir"
+            raise FlagError(flag, f"{path!r} does not exist")
+    if not 0 <= f.holdout_fraction < 1:
+        raise FlagError("holdout_fraction", f"must be in [0, 1), got {f.holdout_fraction:g}")
+
+
+def attack_steps(f=FLAGS) -> int:
+    if f.attack_steps is not None:
+        return f.attack_steps
+    return steps_for_epsilon(f.epsilon)

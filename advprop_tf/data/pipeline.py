@@ -1,0 +1,123 @@
+"""tf.data pipelines for training and evaluation, one per input pipeline of a strategy.
+
+Corrupt or undecodable encoded images are filtered out before decoding and
+counted in `DecodeStats.skipped` (the loop logs the running count); anything
+the cheap check misses is dropped by `ignore_errors` rather than crash a run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from advprop_tf.data.preprocessing import is_decodable_image, preprocess_eval, preprocess_train
+from advprop_tf.data.sources import Source, SourceError
+
+VIEWS = ("randaugment",)  # extra views an N-domain AdvProp model can ask for
+
+
+class DecodeStats:
+    """Counters shared by the pipelines of one run (host-side variables)."""
+
+    def __init__(self):
+        with tf.init_scope():
+            self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_images")
+
+    def keep(self, data, label):
+        ok = is_decodable_image(data)
+        with tf.control_dependencies([self.skipped.assign_add(tf.cast(tf.logical_not(ok), tf.int64))]):
+            return tf.identity(ok)
+
+
+def make_randaugment(num_layers: int, magnitude: float):
+    """keras-cv RandAugment on [0, 255] pixels; magnitude on the authors' 0-10 scale (capped at 10)."""
+    import keras_cv
+
+    return keras_cv.layers.RandAugment(
+        value_range=(0, 255), augmentations_per_image=num_layers,
+        magnitude=min(float(magnitude) / 10.0, 1.0),
+    )
+
+
+def train_dataset(source: Source, size: int, batch_size: int, *, augment: str = "none",
+                  randaugment_layers: int = 2, randaugment_magnitude: float = 10.0,
+                  views: tuple = (), seed: int | None = None, shuffle_buffer: int = 10_000,
+                  stats: DecodeStats | None = None, skip_batches: int = 0,
+                  input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+    """Endless batches of (pixels, labels); pixels is a dict {"clean", *views} when views are asked for.
+
+    `batch_size` is per input pipeline (per replica under a strategy). The
+    order, crops and flips are a function of `seed` (random when None) and
+    use only stateless random ops, so the iterator can be checkpointed
+    (keras-cv RandAugment is stateful: with it the iterator cannot).
+    `skip_batches` resumes where a run stopped when the iterator could not be
+    saved: the consumed elements are skipped before decoding, and their
+    indices (hence crops and flips) are those of an uninterrupted run.
+    """
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1)[0] % (2**31 - 1))
+    for view in views:
+        if view not in VIEWS:
+            raise SourceError(f"unknown input view {view!r}; valid views: {VIEWS}")
+    if augment not in ("none", "randaugment"):
+        raise SourceError(f"unknown augmentation {augment!r}; valid: none, randaugment")
+    ds = source.dataset("train", input_context)
+    if source.encoded:
+        stats = stats or DecodeStats()
+        ds = ds.filter(stats.keep)
+    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.enumerate()
+    if skip_batches:
+        ds = ds.skip(skip_batches * batch_size)
+    needs_randaugment = augment == "randaugment" or "randaugment" in views
+    randaugment = make_randaugment(randaugment_layers, randaugment_magnitude) if needs_randaugment else None
+
+    def prepare(index, example):
+        data, label = example
+        element_seed = tf.cast(tf.stack([tf.cast(seed, tf.int64), index]) % (2**31 - 1), tf.int32)
+        image = preprocess_train(data, size, element_seed)
+        clean = randaugment(image) if augment == "randaugment" else image
+        if not views:
+            return clean, label
+        out = {"clean": clean}
+        for view in views:
+            out[view] = randaugment(image)
+        return out, label
+
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors()
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(source: Source, size: int, batch_size: int, split: str = "validation",
+                 stats: DecodeStats | None = None,
+                 input_context: tf.distribute.InputContext | None = None,
+                 cache: bool = False, pad_to_batch: bool = False) -> tf.data.Dataset:
+    """One pass of (pixels, labels) with the 0.875 center crop.
+
+    The last batch is short, or with `pad_to_batch` padded to `batch_size`
+    with label -1 (static shapes, and no replica ever gets an empty batch).
+    """
+    ds = source.dataset(split, input_context)
+    if source.encoded:
+        stats = stats or DecodeStats()
+        ds = ds.filter(stats.keep)
+    ds = ds.map(lambda data, label: (preprocess_eval(data, size), label),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors()
+    if cache:
+        ds = ds.cache()
+    ds = ds.batch(batch_size)
+    if pad_to_batch:
+        ds = ds.map(lambda images, labels: pad_batch(images, labels, batch_size))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def pad_batch(images, labels, batch_size):
+    """Pad a short batch to `batch_size`; padded examples have label -1."""
+    missing = batch_size - tf.shape(labels)[0]
+    images = tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]])
+    labels = tf.pad(labels, [[0, missing]], constant_values=-1)
+    images.set_shape([batch_size] + images.shape[1:].as_list())
+    labels.set_shape([batch_size])
+    return images, labels

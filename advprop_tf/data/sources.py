@@ -1,0 +1,211 @@
+"""Where images come from: TFDS, ImageNet TFRecords, image folders, the synthetic set.
+
+Every source yields (image, label) with integer labels from 0. `image` is
+either encoded bytes (tf.string: JPEG/PNG, decoded by the preprocessing) or,
+for the synthetic set, a uint8 [H, W, 3] tensor.
+
+Spec strings (one flag):
+  synthetic                 the built-in procedural set (no download)
+  folder:<dir>              one sub-folder per class, ids by sorted folder name
+  tfrecord:<dir or glob>    the authors' ImageNet shards (train-*, validation-*)
+  tfds:<name>[/<config>]    any prepared TFDS image-classification dataset
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import zlib
+
+import tensorflow as tf
+
+from advprop_tf.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
+from advprop_tf.data.synthetic import synthetic_dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
+SOURCE_KINDS = ("synthetic", "folder", "tfrecord", "tfds")
+
+
+class SourceError(ValueError):
+    """A data source that cannot be used; the message says which and why."""
+
+
+@dataclasses.dataclass
+class Source:
+    kind: str
+    location: str
+    num_classes: int
+    class_names: tuple | None
+    encoded: bool  # True: images are encoded bytes; False: uint8 tensors
+    _datasets: dict  # split -> callable(input_context) -> tf.data.Dataset
+    _counts: dict  # split -> number of examples (None when unknown)
+
+    @property
+    def splits(self):
+        return tuple(self._datasets)
+
+    def num_examples(self, split: str):
+        return self._counts.get(split)
+
+    def dataset(self, split: str, input_context: tf.distribute.InputContext | None = None):
+        if split not in self._datasets:
+            raise SourceError(f"{self.kind} source {self.location!r} has no split {split!r}; it has {self.splits}")
+        return self._datasets[split](input_context)
+
+
+def parse_source(spec: str, data_dir: str | None = None, num_classes: int | None = None,
+                 holdout_fraction: float = 0.0, synthetic_size: int = 64,
+                 synthetic_examples: int = 10_000, seed: int = 0) -> Source:
+    """Open the source named by `spec` (see the module docstring)."""
+    kind, _, location = spec.partition(":")
+    if kind not in SOURCE_KINDS:
+        raise SourceError(f"unknown data source {spec!r}; valid kinds: {', '.join(SOURCE_KINDS)}")
+    if kind == "synthetic":
+        return _synthetic(num_classes or 10, synthetic_size, synthetic_examples, seed)
+    location = location or (data_dir or "")
+    if not location:
+        raise SourceError(f"data source {kind!r} needs a location: '{kind}:<path>' or --data_dir")
+    if kind == "folder":
+        return _folder(location, holdout_fraction)
+    if kind == "tfrecord":
+        return _tfrecord(location, num_classes or 1000)
+    return _tfds(location, data_dir)
+
+
+# ------------------------------------------------------------------ synthetic
+def _synthetic(num_classes, size, num_examples, seed):
+    def make(split, n):
+        return lambda ctx: _shard(synthetic_dataset(split, n, size, num_classes, seed), ctx)
+
+    eval_examples = max(num_classes * 20, num_examples // 10)
+    return Source(
+        "synthetic", "built-in", num_classes, SYNTHETIC_CLASS_NAMES[:num_classes], False,
+        {"train": make("train", num_examples), "validation": make("validation", eval_examples)},
+        {"train": num_examples, "validation": eval_examples},
+    )
+
+
+def _shard(ds, ctx):
+    if ctx is not None and ctx.num_input_pipelines > 1:
+        ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+    return ds
+
+
+# --------------------------------------------------------------------- folder
+def _folder(root, holdout_fraction):
+    if not os.path.isdir(root):
+        raise SourceError(f"image folder {root!r} does not exist or is not a directory")
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise SourceError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise SourceError(f"image folder {root!r} has no class sub-folders")
+    files = {"train": [], "validation": []}
+    for label, name in enumerate(classes):
+        for path in sorted(glob.glob(os.path.join(root, name, "*"))):
+            if not path.endswith(IMAGE_EXTENSIONS):
+                continue
+            # Deterministic, machine-independent split by file name.
+            key = zlib.crc32(f"{name}/{os.path.basename(path)}".encode()) % 10_000
+            split = "validation" if key < holdout_fraction * 10_000 else "train"
+            files[split].append((path, label))
+    if not files["train"] and not files["validation"]:
+        raise SourceError(f"image folder {root!r} has no .jpg/.jpeg/.png files in its class folders")
+
+    def make(split):
+        paths = [p for p, _ in files[split]]
+        labels = [l for _, l in files[split]]
+
+        def build(ctx):
+            ds = tf.data.Dataset.from_tensor_slices((paths, tf.constant(labels, tf.int32)))
+            ds = _shard(ds, ctx)
+            return ds.map(lambda p, l: (tf.io.read_file(p), l), num_parallel_calls=tf.data.AUTOTUNE)
+
+        return build
+
+    splits = [s for s in ("train", "validation") if files[s]]
+    return Source("folder", root, len(classes), tuple(classes), True,
+                  {s: make(s) for s in splits}, {s: len(files[s]) for s in splits})
+
+
+# ------------------------------------------------------------------- tfrecord
+TFRECORD_FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+}
+
+
+def parse_imagenet_record(record):
+    """The authors' ImageNet TFRecord: JPEG bytes and a 1-based label -> (bytes, 0-based label)."""
+    parsed = tf.io.parse_single_example(record, TFRECORD_FEATURES)
+    return parsed["image/encoded"], tf.cast(parsed["image/class/label"], tf.int32) - 1
+
+
+def _tfrecord(location, num_classes):
+    if os.path.isdir(location):
+        patterns = {s: os.path.join(location, f"{s}-*") for s in ("train", "validation")}
+    elif "{split}" in location:
+        patterns = {s: location.format(split=s) for s in ("train", "validation")}
+    else:
+        patterns = {"train": location, "validation": location}
+    files = {s: sorted(glob.glob(p)) for s, p in patterns.items()}
+    files = {s: f for s, f in files.items() if f}
+    if not files:
+        raise SourceError(f"no TFRecord files match {sorted(set(patterns.values()))}")
+
+    def make(split):
+        def build(ctx):
+            ds = tf.data.Dataset.from_tensor_slices(files[split])
+            # One shard subset per input pipeline, then interleaved reading.
+            ds = _shard(ds, ctx)
+            if split == "train":
+                ds = ds.shuffle(len(files[split]), reshuffle_each_iteration=True)
+            ds = ds.interleave(
+                lambda f: tf.data.TFRecordDataset(f, buffer_size=8 << 20),
+                cycle_length=min(16, len(files[split])), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=split != "train",
+            )
+            return ds.map(parse_imagenet_record, num_parallel_calls=tf.data.AUTOTUNE)
+
+        return build
+
+    return Source("tfrecord", location, num_classes, None, True,
+                  {s: make(s) for s in files}, {s: None for s in files})
+
+
+# ----------------------------------------------------------------------- tfds
+def _tfds(name, data_dir):
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # unknown name or config
+        raise SourceError(f"TFDS dataset {name!r} is not available: {e}") from None
+    if not builder.is_prepared():
+        raise SourceError(
+            f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}; prepare it on a "
+            f"machine with network access (`tfds build {name} --data_dir=...` or "
+            f"`tfds.builder({name!r}).download_and_prepare()`) and pass --data_dir"
+        )
+    info = builder.info
+    label_feature = info.features["label"]
+    split_names = {"train": "train", "validation": "validation" if "validation" in info.splits else "test"}
+    split_names = {k: v for k, v in split_names.items() if v in info.splits}
+
+    def make(split):
+        def build(ctx):
+            read_config = tfds.ReadConfig(input_context=ctx, shuffle_seed=None)
+            ds = builder.as_dataset(
+                split=split_names[split], shuffle_files=split == "train", read_config=read_config,
+                decoders={"image": tfds.decode.SkipDecoding()},
+            )
+            return ds.map(lambda e: (e["image"], tf.cast(e["label"], tf.int32)))
+
+        return build
+
+    return Source(
+        "tfds", name, label_feature.num_classes, tuple(label_feature.names), True,
+        {s: make(s) for s in split_names},
+        {s: info.splits[v].num_examples for s, v in split_names.items()},
+    )

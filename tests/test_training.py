@@ -1,0 +1,247 @@
+"""The training loop: strategies, resume, SIGKILL/SIGTERM, non-finite loss, summaries, eval."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from advprop_tf.config import make_config
+from advprop_tf.training.loop import NonFiniteLossError, Trainer, run_training
+from advprop_tf.training.strategy import mirrored_on_devices
+from tests.helpers import synthetic_batches
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny, fast, deterministic run on the synthetic set.
+TINY = dict(
+    dataset="synthetic", synthetic_examples=256, width_coefficient=0.25, depth_coefficient=0.25,
+    resolution=32, train_batch_size=8, eval_batch_size=64, train_steps=6, steps_per_loop=3,
+    optimizer="sgd", lr_schedule="constant", base_learning_rate=0.5, warmup_epochs=0.0,
+    epsilon=2.0, attack_step_size=1.0, dropout_rate=0.0, drop_connect_rate=0.0, seed=1,
+    ema_decay=0.99, shuffle_buffer=64, checkpoint_every_steps=3,
+)
+
+
+def tiny_config(model_dir, **overrides):
+    return make_config(model_dir=str(model_dir), **{**TINY, **overrides})
+
+
+def weights(trainer):
+    return [v.numpy().copy() for v in trainer.model.weights]
+
+
+def bn_stats(trainer, domain):
+    return np.concatenate([v.numpy().ravel() for v in trainer.model.weights if f"/{domain}_moving_mean" in v.path])
+
+
+def test_mirrored_loop_trains_advprop_on_two_logical_cpus(tmp_path):
+    strategy = mirrored_on_devices(["/cpu:0", "/cpu:1"])
+    trainer = Trainer(tiny_config(tmp_path, train_steps=4, steps_per_loop=2), strategy)
+    assert strategy.num_replicas_in_sync == 2
+    initial_clean, initial_adv = bn_stats(trainer, "clean"), bn_stats(trainer, "adv")
+    sums = {k: float(v) for k, v in trainer.train_step.run_loop(trainer.train_iterator, tf.constant(2)).items()}
+    assert np.isfinite(sums["loss"]) and sums["non_finite"] == 0
+    assert sums["examples"] == 2 * 8  # two steps of the global batch
+    trainer.results = trainer.run()
+    assert trainer.train_step.current_step == 4
+    assert not np.allclose(bn_stats(trainer, "clean"), initial_clean)
+    assert not np.allclose(bn_stats(trainer, "adv"), initial_adv)
+    assert trainer.results["examples"] == trainer.source.num_examples("validation")
+
+
+def test_mirrored_step_equals_default_strategy_on_the_same_global_batch():
+    """Same initial weights, same global batch: two replicas == one device.
+
+    The global batch is [A; A], so each replica gets A and its (unsynchronized)
+    BN statistics are exactly those of the whole batch on one device. The
+    attack is untargeted (per-replica random targets would differ).
+    """
+    import keras
+
+    from advprop_tf.methods import AttackConfig, get_method
+    from advprop_tf.training.optimization import make_optimizer, make_schedule
+    from advprop_tf.training.step import StepConfig, TrainStep
+    from tests.helpers import tiny_model
+
+    def make(strategy):
+        with strategy.scope():
+            keras.utils.set_random_seed(3)
+            model = tiny_model(dropout_rate=0.0, drop_connect_rate=0.0)
+            optimizer = make_optimizer("rmsprop", make_schedule("constant", 0.01, 10, 10, 0), model)
+            config = StepConfig(global_batch_size=16, num_classes=10,
+                                attack=AttackConfig(epsilon=2, num_steps=2, step_size=1, targeted=False))
+            return model, TrainStep(model, get_method("advprop"), optimizer, config, strategy)
+
+    default = tf.distribute.get_strategy()
+    mirrored = mirrored_on_devices(["/cpu:0", "/cpu:1"])
+    model_1, step_1 = make(default)
+    model_2, step_2 = make(mirrored)
+    for a, b in zip(model_1.weights, model_2.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    halves = list(synthetic_batches(8).take(2))
+    doubled = [(tf.concat([x, x], 0), tf.concat([y, y], 0)) for x, y in halves]
+    losses_1 = [float(step_1.run_batch(x, y)["loss"]) for x, y in doubled]
+    per_replica = [mirrored.experimental_distribute_values_from_function(lambda ctx, b=b: b) for b in halves]
+    losses_2 = [float(step_2.run_batch(*batch)["loss"]) for batch in per_replica]
+    np.testing.assert_allclose(losses_1, losses_2, rtol=1e-4)
+    for a, b in zip(model_1.weights, model_2.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-5, err_msg=a.path)
+    assert step_2.current_step == step_1.current_step == 2
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    straight = run_training(tiny_config(tmp_path / "straight", train_steps=6))
+    first = run_training(tiny_config(tmp_path / "resumed", train_steps=3))
+    assert first.train_step.current_step == 3
+    resumed = run_training(tiny_config(tmp_path / "resumed", train_steps=6))
+    assert resumed.train_step.current_step == 6
+    # Same seed, same data order (the iterator position is in the checkpoint), same
+    # attack seeds (derived from the step): the weights agree up to float noise.
+    for a, b in zip(weights(straight), weights(resumed)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(straight.ema.shadows, resumed.ema.shadows):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_eval_results_and_summaries_are_written(tmp_path):
+    trainer = run_training(tiny_config(tmp_path))
+    results = json.load(open(tmp_path / "eval_results.json"))
+    assert results["step"] == 6 and results["domain"] == "clean" and results["ema"] is True
+    assert 0.0 <= results["top_1"] <= results["top_5"] <= 1.0
+    assert results["examples"] == trainer.source.num_examples("validation")
+    events = tf.io.gfile.glob(str(tmp_path / "train" / "events.*"))
+    assert events
+    tags = set()
+    for record in tf.compat.v1.train.summary_iterator(events[0]):
+        for value in record.summary.value:
+            tags.add(value.tag)
+    assert {"loss", "learning_rate", "images_per_second", "clean/accuracy", "adv/accuracy", "adv/loss"} <= tags
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_training(tiny_config(tmp_path, train_steps=3))
+    checkpoints = sorted(os.listdir(tmp_path / "checkpoints"))
+    with pytest.raises(NonFiniteLossError, match="not finite.*--on_nan=skip"):
+        run_training(tiny_config(tmp_path, train_steps=6, base_learning_rate=1e30))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == checkpoints
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("-3")
+
+
+def test_non_finite_steps_are_skipped_on_request(tmp_path):
+    """--on_nan=skip: a NaN batch changes no weight, no BN statistic, no EMA; the run goes on."""
+    trainer = Trainer(tiny_config(tmp_path, on_nan="skip", train_steps=4))
+    x, y = next(iter(synthetic_batches(8)))
+    trainer.train_step.run_batch(x, y)
+    before = weights(trainer)
+    ema_before = [s.numpy().copy() for s in trainer.ema.shadows]
+    poisoned = tf.tensor_scatter_nd_update(x, [[0, 0, 0, 0]], [float("nan")])
+    sums = trainer.train_step.run_batch(poisoned, y)
+    assert float(sums["non_finite"]) == 1
+    for a, b in zip(before, weights(trainer)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(ema_before, trainer.ema.shadows):
+        np.testing.assert_array_equal(a, b.numpy())
+    assert trainer.train_step.current_step == 2
+    trainer.train_step.run_batch(x, y)  # training continues
+    assert all(np.all(np.isfinite(w)) for w in weights(trainer))
+    assert not all(np.array_equal(a, b) for a, b in zip(before, weights(trainer)))
+
+
+def _train_cmd(model_dir, *extra):
+    args = [f"--{k}={v}" for k, v in TINY.items() if k not in ("train_steps", "steps_per_loop", "checkpoint_every_steps")]
+    return [sys.executable, "-m", "advprop_tf.train", f"--model_dir={model_dir}", *args, *extra]
+
+
+def _wait_for_checkpoint(model_dir, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")):
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.5)
+    return False
+
+
+def test_sigkill_mid_run_then_restart_finishes_at_train_steps(tmp_path):
+    model_dir = str(tmp_path)
+    cmd = _train_cmd(model_dir, "--train_steps=400", "--steps_per_loop=2", "--checkpoint_every_steps=2")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _wait_for_checkpoint(model_dir, proc)
+    time.sleep(1.0)  # kill at an arbitrary point, possibly while a checkpoint is being written
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = int(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).rsplit("-", 1)[1])
+    assert 0 < killed_at < 400
+    done = subprocess.run(_train_cmd(model_dir, "--train_steps=400", "--steps_per_loop=50", "--checkpoint_every_steps=50"),
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.load(open(tmp_path / "eval_results.json"))["step"] == 400
+    assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).endswith("-400")
+    assert f"resumed from" in done.stdout + done.stderr
+
+
+def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
+    model_dir = str(tmp_path)
+    cmd = _train_cmd(model_dir, "--train_steps=100000", "--steps_per_loop=2", "--checkpoint_every_steps=100000")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # wait for the first log line: training is running
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if "step " in line and "/100000" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0
+    assert "SIGTERM: saved" in output
+    saved = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    assert saved and int(saved.rsplit("-", 1)[1]) >= 2
+
+
+BAD_FLAGS = [
+    (["--model=efficientnet-b9"], "--model: unknown model 'efficientnet-b9'"),
+    (["--epsilon=-1"], "--epsilon: must be >= 0, got -1"),
+    (["--train_batch_size=7", "--num_gpus=0"], None),  # checked below with two replicas in-process
+    (["--dataset=folder"], "--data_dir: --dataset=folder needs a location"),
+    (["--dataset=folder:/nonexistent/images"], "--dataset: '/nonexistent/images' does not exist"),
+    (["--dataset=imagenet"], "--dataset: unknown data source 'imagenet'"),
+    (["--method=vanilla", "--epsilon_schedule=0:1"], "--epsilon_schedule: contradicts --method=vanilla"),
+    (["--mixed_precision=float16", "--tpu=local"], "--mixed_precision: float16 is for GPUs"),
+    (["--epsilon=abc"], "flag --epsilon=abc"),
+    (["--no_such_flag=1"], "no_such_flag"),
+]
+
+
+@pytest.mark.parametrize("extra,message", [b for b in BAD_FLAGS if b[1]])
+def test_bad_flags_exit_2_with_one_line(tmp_path, extra, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "advprop_tf.train", f"--model_dir={tmp_path}", *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [l for l in result.stderr.splitlines() if l.startswith("advprop_tf.train: error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_empty_folder_source_exits_2(tmp_path):
+    (tmp_path / "images").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "advprop_tf.train", f"--model_dir={tmp_path / 'run'}",
+         f"--dataset=folder:{tmp_path / 'images'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "has no class sub-folders" in result.stderr
+
+
+def test_batch_not_divisible_by_replicas(tmp_path):
+    with pytest.raises(ValueError, match="--train_batch_size=7 is not divisible by the 2 replicas"):
+        Trainer(tiny_config(tmp_path, train_batch_size=7), mirrored_on_devices(["/cpu:0", "/cpu:1"]))

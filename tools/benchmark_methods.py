@@ -1,0 +1,81 @@
+"""Per-step time of vanilla and AdvProp with PGD-1/2/5, in one process.
+
+B0 at 64 px, batch 32, 10 classes by default (the setting of the PyTorch peer
+quoted in the issue: vanilla 0.35 s, AdvProp PGD-1 0.68 s = 1.94x, 47 img/s;
+PGD-5 1.48 s = 4.25x). Each AdvProp step = PGD through the auxiliary BN +
+one forward/backward of the concatenated clean+adversarial batch + update.
+
+  python tools/benchmark_methods.py [--jit_compile] [--json]
+"""
+
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "efficientnet-b0", "Model variant.")
+flags.DEFINE_integer("resolution", 64, "Input size in pixels.")
+flags.DEFINE_integer("batch_size", 32, "Clean images per step.")
+flags.DEFINE_integer("num_classes", 10, "Classes.")
+flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
+flags.DEFINE_integer("steps", 3, "Steps per round.")
+flags.DEFINE_bool("jit_compile", False, "XLA-compile attack + forward + backward.")
+flags.DEFINE_enum("attack_bn_mode", "inference", ["batch", "inference"], "BN mode during the attack.")
+flags.DEFINE_bool("json", False, "Print a JSON line last.")
+
+
+def main(argv):
+    del argv
+    import tensorflow as tf
+
+    from advprop_tf.benchmarking import time_interleaved
+    from advprop_tf.methods import AttackConfig, get_method
+    from advprop_tf.models import build_efficientnet
+    from advprop_tf.training.optimization import make_optimizer, make_schedule
+    from advprop_tf.training.step import StepConfig, TrainStep
+
+    size, batch = FLAGS.resolution, FLAGS.batch_size
+    pixels = tf.random.uniform([batch, size, size, 3], 0, 255)
+    labels = tf.random.uniform([batch], 0, FLAGS.num_classes, tf.int32)
+
+    def make(method, pgd_steps):
+        domains = ("clean", "adv") if method == "advprop" else ("clean",)
+        model = build_efficientnet(FLAGS.model, num_classes=FLAGS.num_classes, domains=domains)
+        optimizer = make_optimizer("rmsprop", make_schedule("constant", 0.01, 100, 100, 0), model)
+        attack = AttackConfig(epsilon=pgd_steps, num_steps=pgd_steps, step_size=1.0,
+                              attack_bn_mode=FLAGS.attack_bn_mode)
+        config = StepConfig(global_batch_size=batch, num_classes=FLAGS.num_classes, attack=attack,
+                            jit_compile=FLAGS.jit_compile)
+        step = TrainStep(model, get_method(method), optimizer, config)
+        return lambda: step.run_batch(pixels, labels)["loss"]
+
+    runs = {
+        "vanilla": make("vanilla", 1),
+        "advprop_pgd1": make("advprop", 1),
+        "advprop_pgd2": make("advprop", 2),
+        "advprop_pgd5": make("advprop", 5),
+    }
+    times = time_interleaved(runs, rounds=FLAGS.rounds, steps=FLAGS.steps)
+    print(f"{FLAGS.model} {size}px batch {batch}, {FLAGS.num_classes} classes, "
+          f"jit_compile={FLAGS.jit_compile}, attack BN mode {FLAGS.attack_bn_mode}")
+    for name, seconds in times.items():
+        print(f"  {name:14s} {seconds:.3f} s/step  {batch / seconds:6.1f} images/s  "
+              f"ratio to vanilla {seconds / times['vanilla']:.2f}")
+    result = {f"{k}_s": round(v, 4) for k, v in times.items()}
+    result.update(
+        ratio_pgd1=round(times["advprop_pgd1"] / times["vanilla"], 3),
+        ratio_pgd2=round(times["advprop_pgd2"] / times["vanilla"], 3),
+        ratio_pgd5=round(times["advprop_pgd5"] / times["vanilla"], 3),
+        advprop_pgd1_images_per_s=round(batch / times["advprop_pgd1"], 1),
+        jit_compile=FLAGS.jit_compile,
+    )
+    print("  targets: ratio_pgd1 <= 1.95, ratio_pgd5 <= 4.3, PGD-1 >= 47 images/s (PyTorch peer)")
+    if FLAGS.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)
