@@ -29,6 +29,26 @@ class DecodeStats:
             return tf.identity(ok)
 
 
+def check_readable(source: Source, split: str = "train"):
+    """Fail early, with a clear error, when a source has no image that can be decoded."""
+    ds = source.dataset(split)
+    if source.encoded:
+        ds = ds.filter(lambda data, label: is_decodable_image(data))
+    try:
+        data, _ = next(iter(ds.take(1)))
+    except StopIteration:
+        raise SourceError(
+            f"{source.kind} source {source.location!r} has no readable image in its {split!r} split"
+        ) from None
+    if source.encoded:
+        try:
+            tf.io.decode_image(data, channels=3, expand_animations=False)
+        except tf.errors.InvalidArgumentError as e:
+            raise SourceError(
+                f"{source.kind} source {source.location!r}: its first image cannot be decoded ({e.message})"
+            ) from None
+
+
 def make_randaugment(num_layers: int, magnitude: float):
     """keras-cv RandAugment on [0, 255] pixels; magnitude on the authors' 0-10 scale (capped at 10)."""
     import keras_cv
@@ -61,11 +81,13 @@ def train_dataset(source: Source, size: int, batch_size: int, *, augment: str = 
             raise SourceError(f"unknown input view {view!r}; valid views: {VIEWS}")
     if augment not in ("none", "randaugment"):
         raise SourceError(f"unknown augmentation {augment!r}; valid: none, randaugment")
-    ds = source.dataset("train", input_context)
+    ds = source.dataset("train", input_context, shuffle_seed=seed)
     if source.encoded:
         stats = stats or DecodeStats()
         ds = ds.filter(stats.keep)
-    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    if not source.shuffles_index:  # records: a buffer of them
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.repeat()
     ds = ds.enumerate()
     if skip_batches:
         ds = ds.skip(skip_batches * batch_size)
@@ -86,6 +108,11 @@ def train_dataset(source: Source, size: int, batch_size: int, *, augment: str = 
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors()
+    # The skipped-image counter is state outside the pipeline: saving the
+    # iterator ignores it (the loop checkpoints the counter itself).
+    options = tf.data.Options()
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+    ds = ds.with_options(options)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 

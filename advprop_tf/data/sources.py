@@ -21,7 +21,7 @@ import zlib
 import tensorflow as tf
 
 from advprop_tf.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
-from advprop_tf.data.synthetic import synthetic_dataset
+from advprop_tf.data.synthetic import synthetic_example
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
 SOURCE_KINDS = ("synthetic", "folder", "tfrecord", "tfds")
@@ -38,7 +38,7 @@ class Source:
     num_classes: int
     class_names: tuple | None
     encoded: bool  # True: images are encoded bytes; False: uint8 tensors
-    _datasets: dict  # split -> callable(input_context) -> tf.data.Dataset
+    _datasets: dict  # split -> callable(input_context, shuffle_seed) -> tf.data.Dataset
     _counts: dict  # split -> number of examples (None when unknown)
 
     @property
@@ -48,10 +48,16 @@ class Source:
     def num_examples(self, split: str):
         return self._counts.get(split)
 
-    def dataset(self, split: str, input_context: tf.distribute.InputContext | None = None):
+    # Sources that can shuffle their whole index (file names, example ids)
+    # before reading anything; the others need a shuffle buffer of records.
+    shuffles_index: bool = False
+
+    def dataset(self, split: str, input_context: tf.distribute.InputContext | None = None,
+                shuffle_seed: int | None = None):
+        """(image, label) pairs; with `shuffle_seed` (index-shuffling sources) in a new order each epoch."""
         if split not in self._datasets:
             raise SourceError(f"{self.kind} source {self.location!r} has no split {split!r}; it has {self.splits}")
-        return self._datasets[split](input_context)
+        return self._datasets[split](input_context, shuffle_seed)
 
 
 def parse_source(spec: str, data_dir: str | None = None, num_classes: int | None = None,
@@ -76,13 +82,18 @@ def parse_source(spec: str, data_dir: str | None = None, num_classes: int | None
 # ------------------------------------------------------------------ synthetic
 def _synthetic(num_classes, size, num_examples, seed):
     def make(split, n):
-        return lambda ctx: _shard(synthetic_dataset(split, n, size, num_classes, seed), ctx)
+        def build(ctx, shuffle_seed):
+            ids = _shuffled(_shard(tf.data.Dataset.range(n), ctx), n, shuffle_seed)
+            return ids.map(lambda i: synthetic_example(i, seed, split, size, num_classes),
+                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+        return build
 
     eval_examples = max(num_classes * 20, num_examples // 10)
     return Source(
         "synthetic", "built-in", num_classes, SYNTHETIC_CLASS_NAMES[:num_classes], False,
         {"train": make("train", num_examples), "validation": make("validation", eval_examples)},
-        {"train": num_examples, "validation": eval_examples},
+        {"train": num_examples, "validation": eval_examples}, shuffles_index=True,
     )
 
 
@@ -90,6 +101,12 @@ def _shard(ds, ctx):
     if ctx is not None and ctx.num_input_pipelines > 1:
         ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
     return ds
+
+
+def _shuffled(ds, size, seed):
+    if seed is None:
+        return ds
+    return ds.shuffle(max(1, size), seed=seed, reshuffle_each_iteration=True)
 
 
 # --------------------------------------------------------------------- folder
@@ -117,16 +134,16 @@ def _folder(root, holdout_fraction):
         paths = [p for p, _ in files[split]]
         labels = [l for _, l in files[split]]
 
-        def build(ctx):
+        def build(ctx, shuffle_seed):
             ds = tf.data.Dataset.from_tensor_slices((paths, tf.constant(labels, tf.int32)))
-            ds = _shard(ds, ctx)
+            ds = _shuffled(_shard(ds, ctx), len(paths), shuffle_seed)
             return ds.map(lambda p, l: (tf.io.read_file(p), l), num_parallel_calls=tf.data.AUTOTUNE)
 
         return build
 
     splits = [s for s in ("train", "validation") if files[s]]
     return Source("folder", root, len(classes), tuple(classes), True,
-                  {s: make(s) for s in splits}, {s: len(files[s]) for s in splits})
+                  {s: make(s) for s in splits}, {s: len(files[s]) for s in splits}, shuffles_index=True)
 
 
 # ------------------------------------------------------------------- tfrecord
@@ -155,12 +172,12 @@ def _tfrecord(location, num_classes):
         raise SourceError(f"no TFRecord files match {sorted(set(patterns.values()))}")
 
     def make(split):
-        def build(ctx):
+        def build(ctx, shuffle_seed):
             ds = tf.data.Dataset.from_tensor_slices(files[split])
             # One shard subset per input pipeline, then interleaved reading.
             ds = _shard(ds, ctx)
-            if split == "train":
-                ds = ds.shuffle(len(files[split]), reshuffle_each_iteration=True)
+            if shuffle_seed is not None:
+                ds = ds.shuffle(len(files[split]), seed=shuffle_seed, reshuffle_each_iteration=True)
             ds = ds.interleave(
                 lambda f: tf.data.TFRecordDataset(f, buffer_size=8 << 20),
                 cycle_length=min(16, len(files[split])), num_parallel_calls=tf.data.AUTOTUNE,
@@ -182,22 +199,26 @@ def _tfds(name, data_dir):
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # unknown name or config
         raise SourceError(f"TFDS dataset {name!r} is not available: {e}") from None
-    if not builder.is_prepared():
+    try:  # opening a split is lazy and cheap; it fails when nothing was prepared
+        builder.as_dataset(split=list(builder.info.splits)[0] if builder.info.splits else "train")
+    except Exception:
         raise SourceError(
             f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}; prepare it on a "
             f"machine with network access (`tfds build {name} --data_dir=...` or "
             f"`tfds.builder({name!r}).download_and_prepare()`) and pass --data_dir"
-        )
+        ) from None
     info = builder.info
     label_feature = info.features["label"]
-    split_names = {"train": "train", "validation": "validation" if "validation" in info.splits else "test"}
-    split_names = {k: v for k, v in split_names.items() if v in info.splits}
+    # (Builders without recorded split info, e.g. under tfds.testing.mock_data, get train/test.)
+    available = set(info.splits) or {"train", "test"}
+    split_names = {"train": "train", "validation": "validation" if "validation" in available else "test"}
+    split_names = {k: v for k, v in split_names.items() if v in available}
 
     def make(split):
-        def build(ctx):
-            read_config = tfds.ReadConfig(input_context=ctx, shuffle_seed=None)
+        def build(ctx, shuffle_seed):
+            read_config = tfds.ReadConfig(input_context=ctx, shuffle_seed=shuffle_seed)
             ds = builder.as_dataset(
-                split=split_names[split], shuffle_files=split == "train", read_config=read_config,
+                split=split_names[split], shuffle_files=shuffle_seed is not None, read_config=read_config,
                 decoders={"image": tfds.decode.SkipDecoding()},
             )
             return ds.map(lambda e: (e["image"], tf.cast(e["label"], tf.int32)))
@@ -207,5 +228,5 @@ def _tfds(name, data_dir):
     return Source(
         "tfds", name, label_feature.num_classes, tuple(label_feature.names), True,
         {s: make(s) for s in split_names},
-        {s: info.splits[v].num_examples for s, v in split_names.items()},
+        {s: info.splits[v].num_examples if v in info.splits else None for s, v in split_names.items()},
     )

@@ -20,8 +20,8 @@ import tensorflow as tf
 from absl import logging
 
 from advprop_tf.config import attack_steps, model_domains
-from advprop_tf.data.pipeline import DecodeStats, eval_dataset, train_dataset
-from advprop_tf.data.sources import parse_source
+from advprop_tf.data.pipeline import DecodeStats, check_readable, eval_dataset, train_dataset
+from advprop_tf.data.sources import SourceError, parse_source
 from advprop_tf.methods import AttackConfig, get_method, parse_epsilon_schedule
 from advprop_tf.models import build_efficientnet
 from advprop_tf.training.ema import ExponentialMovingAverage
@@ -118,6 +118,7 @@ class Trainer:
             synthetic_size=int(math.ceil((cfg.resolution or 224) / 0.875)),
             synthetic_examples=cfg.synthetic_examples, seed=0,
         )
+        check_readable(self.source)
         self.num_classes = cfg.num_classes or self.source.num_classes
         self.domains = model_domains(cfg.method, cfg.aux_domains)
         self.views = tuple(d for d in self.domains[1:] if not d.startswith("adv"))
@@ -158,7 +159,8 @@ class Trainer:
                                         step_config, self.strategy, self.ema)
         self._skip_batches = 0
         self.train_iterator = self._make_iterator()
-        tracked = dict(model=self.model, optimizer=self.optimizer, step=self.train_step.global_step)
+        tracked = dict(model=self.model, optimizer=self.optimizer, step=self.train_step.global_step,
+                       skipped_images=self.decode_stats.skipped)
         if self.ema is not None:
             tracked["ema"] = self.ema
         # The iterator's position is saved when its pipeline is stateless (no
@@ -228,7 +230,13 @@ class Trainer:
             while step < self.total_steps:
                 n = min(cfg.steps_per_loop, self.total_steps - step)
                 loop_start = time.time()
-                sums = {k: float(v) for k, v in self.train_step.run_loop(self.train_iterator, tf.constant(n)).items()}
+                try:
+                    sums = self.train_step.run_loop(self.train_iterator, tf.constant(n))
+                except tf.errors.OutOfRangeError:
+                    raise SourceError(
+                        f"the training data of {cfg.dataset!r} ran dry: no image could be decoded"
+                    ) from None
+                sums = {k: float(v) for k, v in sums.items()}
                 step = self.train_step.current_step
                 if sums["non_finite"] > 0 and cfg.on_nan == "stop":
                     raise NonFiniteLossError(

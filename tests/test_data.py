@@ -1,0 +1,244 @@
+"""Data sources and preprocessing, on images the tests write themselves."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from advprop_tf.data.pipeline import DecodeStats, check_readable, eval_dataset, train_dataset
+from advprop_tf.data.preprocessing import (
+    center_crop_window,
+    eval_crop_padding,
+    is_decodable_image,
+    preprocess_eval,
+    preprocess_train,
+)
+from advprop_tf.data.sources import SourceError, parse_source
+from advprop_tf.data.synthetic import synthetic_dataset
+
+
+def gradient_image(height, width, seed=0):
+    """A deterministic image whose pixels encode their position (to check crops)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.stack([y * 255 // max(1, height - 1), x * 255 // max(1, width - 1),
+                      rng.integers(0, 255, (height, width))], -1)
+    return image.astype(np.uint8)
+
+
+def write_image(path, image, fmt="jpeg"):
+    encoded = tf.io.encode_jpeg(image, quality=95) if fmt == "jpeg" else tf.io.encode_png(image)
+    tf.io.write_file(str(path), encoded)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """3 classes x 6 images (JPEG and PNG), plus a non-image file that must be ignored."""
+    root = tmp_path / "images"
+    for c, name in enumerate(["cat", "ant", "bee"]):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            fmt = "png" if i % 3 == 0 else "jpeg"
+            write_image(root / name / f"img{i}.{'png' if fmt == 'png' else 'jpg'}",
+                        gradient_image(40 + 4 * i, 50, seed=c * 10 + i), fmt)
+        (root / name / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_folder_classes_by_sorted_name_and_holdout_is_deterministic(image_folder):
+    source = parse_source(f"folder:{image_folder}", holdout_fraction=0.3)
+    assert source.class_names == ("ant", "bee", "cat") and source.num_classes == 3
+    train, val = source.num_examples("train"), source.num_examples("validation")
+    assert train + val == 18 and val > 0 and train > 0
+    again = parse_source(f"folder:{image_folder}", holdout_fraction=0.3)
+    files = lambda s: [p.numpy() for p, _ in s.dataset("validation").map(lambda d, l: (d, l))]
+    assert files(source) == files(again)
+    labels = sorted(int(l) for _, l in source.dataset("train"))
+    assert set(labels) <= {0, 1, 2}
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        parse_source(f"folder:{tmp_path / 'missing'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no class sub-folders"):
+        parse_source(f"folder:{tmp_path / 'empty'}")
+    (tmp_path / "empty" / "a").mkdir()
+    with pytest.raises(SourceError, match="no .jpg/.jpeg/.png files"):
+        parse_source(f"folder:{tmp_path / 'empty'}")
+    with pytest.raises(SourceError, match="unknown data source 'imagenet'.*synthetic, folder, tfrecord, tfds"):
+        parse_source("imagenet")
+    with pytest.raises(SourceError, match="needs a location"):
+        parse_source("folder")
+
+
+def write_tfrecords(directory, split, examples, shards=2):
+    directory.mkdir(parents=True, exist_ok=True)
+    for shard in range(shards):
+        path = directory / f"{split}-{shard:05d}-of-{shards:05d}"
+        with tf.io.TFRecordWriter(str(path)) as writer:
+            for i, (image, label) in enumerate(examples):
+                if i % shards != shard:
+                    continue
+                feature = {
+                    "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[tf.io.encode_jpeg(image).numpy()])),
+                    "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+                    "image/format": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"JPEG"])),
+                }
+                writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+
+
+def test_tfrecord_labels_are_one_based_in_files_and_zero_based_out(tmp_path):
+    examples = [(gradient_image(32, 32, i), 1 + i % 4) for i in range(12)]  # labels 1..4 as the authors
+    write_tfrecords(tmp_path / "records", "train", examples)
+    write_tfrecords(tmp_path / "records", "validation", examples[:4], shards=1)
+    source = parse_source(f"tfrecord:{tmp_path / 'records'}", num_classes=4)
+    assert source.splits == ("train", "validation")
+    labels = sorted(int(l) for _, l in source.dataset("validation"))
+    assert labels == [0, 1, 2, 3]
+    batch = next(iter(train_dataset(source, 32, 6, seed=0)))
+    assert batch[0].shape == (6, 32, 32, 3) and batch[0].dtype == tf.float32
+    assert set(batch[1].numpy()) <= {0, 1, 2, 3}
+    with pytest.raises(SourceError, match="no TFRecord files"):
+        parse_source(f"tfrecord:{tmp_path / 'nothing'}")
+
+
+def test_tfrecord_shards_are_split_between_input_pipelines(tmp_path):
+    examples = [(gradient_image(16, 16, i), 1 + i) for i in range(8)]
+    write_tfrecords(tmp_path / "r", "train", examples, shards=4)
+    source = parse_source(f"tfrecord:{tmp_path / 'r'}/train-*", num_classes=8)
+    seen = []
+    for pipeline in range(2):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline, num_replicas_in_sync=2)
+        seen.append({int(l) for _, l in source.dataset("train", ctx)})
+    assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(8))
+
+
+def test_tfds_source_on_mock_data():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=6):
+        source = parse_source("tfds:cifar10")
+        assert source.num_classes == 10 and source.splits == ("train", "validation")
+        labels = [int(l) for _, l in source.dataset("validation")]
+        assert len(labels) == 6 and all(0 <= l < 10 for l in labels)
+        batch = next(iter(train_dataset(source, 32, 3, seed=0)))
+        assert batch[0].shape == (3, 32, 32, 3)
+        assert batch[0].numpy().min() >= 0 and batch[0].numpy().max() <= 255
+
+
+def test_tfds_not_prepared_says_where_and_how(tmp_path):
+    with pytest.raises(SourceError, match=rf"not prepared in '{tmp_path}.*tfds build imagenette"):
+        parse_source("tfds:imagenette", data_dir=str(tmp_path))
+
+
+def test_eval_crop_is_the_authors_center_crop():
+    image = gradient_image(300, 400)
+    size = 224
+    assert eval_crop_padding(224) == 32
+    window = center_crop_window(tf.constant([300, 400, 3]), size).numpy()
+    crop = int(224 / 256 * 300)  # 262
+    assert list(window) == [(300 - crop + 1) // 2, (400 - crop + 1) // 2, crop, crop]
+    out = preprocess_eval(tf.constant(image), size).numpy()
+    y0, x0 = window[:2]
+    expected = tf.image.resize(image[y0:y0 + crop, x0:x0 + crop].astype(np.float32), [size, size], "bicubic")
+    np.testing.assert_allclose(out, np.clip(expected, 0, 255), atol=1e-3)
+    # the same through JPEG bytes: decode_and_crop_jpeg decodes only that window
+    jpeg = tf.io.encode_jpeg(image, quality=100)
+    decoded = tf.io.decode_jpeg(jpeg).numpy()
+    via_bytes = preprocess_eval(jpeg, size).numpy()
+    expected = tf.image.resize(decoded[y0:y0 + crop, x0:x0 + crop].astype(np.float32), [size, size], "bicubic")
+    np.testing.assert_allclose(via_bytes, np.clip(expected, 0, 255), atol=1e-2)
+
+
+def test_train_crop_statistics():
+    """Crops cover 8%..100% of the image with aspect 3/4..4/3; flips happen about half the time."""
+    shape = tf.constant([200, 300, 3])
+    from advprop_tf.data.preprocessing import distorted_crop_window
+
+    areas, aspects, fallbacks = [], [], 0
+    for i in range(400):
+        window, ok = distorted_crop_window(shape, seed=tf.constant([7, i]))
+        y, x, h, w = window.numpy()
+        assert y >= 0 and x >= 0 and y + h <= 200 and x + w <= 300
+        if not ok:
+            fallbacks += 1
+            continue
+        areas.append(h * w / (200 * 300))
+        aspects.append(w / h)
+    assert min(areas) >= 0.08 - 0.01 and max(areas) <= 1.0
+    # Targets are uniform in [0.08, 1]; large boxes that do not fit the image's
+    # aspect are retried, so the mean area lands near 0.35 (as on ImageNet).
+    assert 0.25 < np.mean(areas) < 0.6
+    assert min(areas) < 0.12 and max(areas) > 0.8
+    assert min(aspects) >= 0.75 * 0.95 and max(aspects) <= 4 / 3 * 1.05
+    assert fallbacks < 40
+    image = tf.constant(gradient_image(200, 300))
+    outs = [preprocess_train(image, 64, seed=tf.constant([1, i])) for i in range(40)]
+    assert all(o.shape == (64, 64, 3) and o.dtype == tf.float32 for o in outs)
+    assert all(0 <= float(tf.reduce_min(o)) and float(tf.reduce_max(o)) <= 255 for o in outs)
+    # channel 1 grows left to right unless flipped
+    flipped = sum(float(tf.reduce_mean(o[:, :8, 1])) > float(tf.reduce_mean(o[:, -8:, 1])) for o in outs)
+    assert 8 <= flipped <= 32
+    # same seed, same output
+    np.testing.assert_array_equal(preprocess_train(image, 64, seed=tf.constant([3, 3])),
+                                  preprocess_train(image, 64, seed=tf.constant([3, 3])))
+
+
+def test_corrupt_files_are_skipped_and_counted(image_folder):
+    good = tf.io.read_file(str(next(image_folder.glob("ant/*.jpg"))))
+    (image_folder / "ant" / "truncated.jpg").write_bytes(good.numpy()[: len(good.numpy()) // 2])
+    (image_folder / "bee" / "garbage.jpg").write_bytes(b"this is not a jpeg at all, just text" * 10)
+    (image_folder / "cat" / "empty.png").write_bytes(b"")
+    assert not bool(is_decodable_image(tf.constant(b"")))
+    assert bool(is_decodable_image(good))
+    source = parse_source(f"folder:{image_folder}")
+    stats = DecodeStats()
+    n = sum(int(tf.shape(l)[0]) for _, l in eval_dataset(source, 32, 5, split="train", stats=stats))
+    assert n == 18  # every good image, none of the 3 corrupt ones
+    assert int(stats.skipped.numpy()) == 3
+    batch = next(iter(train_dataset(source, 32, 4, seed=1, stats=stats)))
+    assert batch[0].shape == (4, 32, 32, 3)
+
+
+def test_source_with_no_readable_image_fails_clearly(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(b"broken")
+    source = parse_source(f"folder:{tmp_path}")
+    with pytest.raises(SourceError, match="has no readable image in its 'train' split"):
+        check_readable(source)
+    write_image(tmp_path / "a" / "y.jpg", gradient_image(20, 20))
+    check_readable(parse_source(f"folder:{tmp_path}"))
+
+
+def test_synthetic_is_deterministic_and_balanced():
+    a = [x.numpy() for x, _ in synthetic_dataset("train", 20, 48, 10, seed=0)]
+    b = [x.numpy() for x, _ in synthetic_dataset("train", 20, 48, 10, seed=0)]
+    np.testing.assert_array_equal(np.stack(a), np.stack(b))
+    labels = [int(l) for _, l in synthetic_dataset("train", 100, 32, 10)]
+    assert np.bincount(labels).tolist() == [10] * 10
+    val = next(iter(synthetic_dataset("validation", 1, 48)))[0].numpy()
+    assert not np.array_equal(val, a[0])
+    assert a[0].shape == (48, 48, 3) and a[0].dtype == np.uint8
+
+
+def test_train_pipeline_is_deterministic_by_seed_and_yields_views():
+    source = parse_source("synthetic", synthetic_size=40, synthetic_examples=64)
+    take = lambda seed: [x.numpy() for x, _ in train_dataset(source, 32, 8, seed=seed).take(2)]
+    np.testing.assert_array_equal(take(5), take(5))
+    assert not np.array_equal(take(5)[0], take(6)[0])
+    views, labels = next(iter(train_dataset(source, 32, 4, seed=0, views=("randaugment",))))
+    assert set(views) == {"clean", "randaugment"}
+    assert views["randaugment"].shape == views["clean"].shape == (4, 32, 32, 3)
+    assert float(tf.reduce_min(views["randaugment"])) >= 0 and float(tf.reduce_max(views["randaugment"])) <= 255
+    with pytest.raises(SourceError, match="unknown input view 'autoaugment'"):
+        train_dataset(source, 32, 4, views=("autoaugment",))
+
+
+def test_eval_padding_marks_padded_examples():
+    source = parse_source("synthetic", synthetic_size=40, synthetic_examples=100)
+    batches = list(eval_dataset(source, 32, 64, pad_to_batch=True))
+    labels = np.concatenate([l.numpy() for _, l in batches])
+    assert all(x.shape[0] == 64 for x, _ in batches)
+    assert (labels >= 0).sum() == source.num_examples("validation") and (labels == -1).sum() == 64 * len(batches) - (labels >= 0).sum()
