@@ -103,6 +103,7 @@ def define_train_flags(flag_values=FLAGS):
     d.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
     d.DEFINE_integer("eval_every_steps", 0, "Evaluation period (0: only at the end).")
     d.DEFINE_integer("eval_steps", 0, "Eval batches (0: the whole split).")
+    d.DEFINE_bool("export", True, "Export a main-BN SavedModel to <model_dir>/export/<version> at the end.")
     d.DEFINE_bool("checkpoint_input_pipeline", True, "Save the input iterator's position (not on TPU).")
     # -- strategy
     d.DEFINE_string("tpu", "", "TPU name, or 'local' on a TPU VM.")

@@ -22,6 +22,7 @@ from absl import logging
 from advprop_tf.config import attack_steps, model_domains
 from advprop_tf.data.pipeline import DecodeStats, check_readable, eval_dataset, train_dataset
 from advprop_tf.data.sources import SourceError, parse_source
+from advprop_tf.export import export, write_run_config
 from advprop_tf.methods import AttackConfig, get_method, parse_epsilon_schedule
 from advprop_tf.models import build_efficientnet
 from advprop_tf.training.ema import ExponentialMovingAverage
@@ -177,6 +178,7 @@ class Trainer:
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, os.path.join(cfg.model_dir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
         )
+        write_run_config(cfg.model_dir, self.model, self.source.class_names, cfg.method, cfg.dataset)
         self.writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir, "train"))
         self.eval_writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir, "eval"))
 
@@ -256,7 +258,12 @@ class Trainer:
                     logging.warning("SIGTERM: saved %s at step %d; exiting", path, step)
                     return None
         self.save()
-        return self.evaluate(final=True)
+        results = self.evaluate(final=True)
+        if cfg.export:
+            self.export_path = export(cfg.model_dir, os.path.join(cfg.model_dir, "export"),
+                                      use_ema=self.ema is not None)
+            logging.info("exported the main-BN inference model to %s", self.export_path)
+        return results
 
     def _log(self, step, n, sums, images_per_second, eta_seconds):
         examples = max(sums["examples"], 1.0)

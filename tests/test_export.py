@@ -1,0 +1,190 @@
+"""SavedModel export: one BN set, two signatures, EMA weights, TF-only loading, clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from advprop_tf.config import make_config
+from advprop_tf.export import export, read_run_config
+from advprop_tf.models import build_efficientnet
+from advprop_tf.models.efficientnet import EfficientNet
+from advprop_tf.training.ema import ExponentialMovingAverage
+from advprop_tf.training.loop import run_training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Runs in a fresh interpreter that imports nothing of advprop_tf.
+TF_ONLY_READER = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+assert not any(m.startswith("advprop_tf") for m in sys.modules)
+export_dir, pixels_path, jpeg_path = sys.argv[1:4]
+loaded = tf.saved_model.load(export_dir)
+out = {"signatures": {}}
+for name, fn in loaded.signatures.items():
+    inputs = fn.structured_input_signature[1]
+    out["signatures"][name] = {
+        "inputs": {k: [v.dtype.name, v.shape.as_list()] for k, v in inputs.items()},
+        "outputs": {k: [v.dtype.name, v.shape.as_list()] for k, v in fn.structured_outputs.items()},
+    }
+pixels = np.load(pixels_path)
+res = loaded.signatures["predict_pixels"](pixels=tf.constant(pixels))
+out["logits"] = res["logits"].numpy().tolist()
+out["probabilities"] = res["probabilities"].numpy().tolist()
+jpeg = open(jpeg_path, "rb").read()
+res = loaded.signatures["serving_default"](image_bytes=tf.constant([jpeg, jpeg]))
+out["bytes_probabilities"] = res["probabilities"].numpy().tolist()
+out["bytes_classes"] = res["classes"].numpy().tolist()
+try:
+    loaded.signatures["serving_default"](image_bytes=tf.constant([jpeg, b"not an image, just bytes"]))
+    out["bad_error"] = None
+except tf.errors.InvalidArgumentError as e:
+    out["bad_error"] = e.message
+res = loaded.signatures["serving_default"](image_bytes=tf.constant([jpeg]))
+out["after_bad_probabilities"] = res["probabilities"].numpy().tolist()
+out["variables"] = [name for name, _ in tf.train.list_variables(export_dir + "/variables/variables")]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("run")
+    cfg = make_config(
+        model_dir=str(model_dir), dataset="synthetic", synthetic_examples=128, width_coefficient=0.25,
+        depth_coefficient=0.25, resolution=32, train_batch_size=8, eval_batch_size=32, train_steps=4,
+        steps_per_loop=2, optimizer="sgd", lr_schedule="constant", base_learning_rate=0.5,
+        warmup_epochs=0.0, seed=0, ema_decay=0.5, checkpoint_every_steps=4,
+    )
+    trainer = run_training(cfg)
+    return model_dir, trainer
+
+
+def training_model_logits(model_dir, pixels, domain):
+    """The training network (all BN domains) with its EMA weights, as evaluation uses it."""
+    model = EfficientNet.from_config(read_run_config(str(model_dir))["model"])
+    ema = ExponentialMovingAverage(model)
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    tf.train.Checkpoint(model=model, ema=ema).read(latest).expect_partial()
+    ema.copy_to(model)
+    return model(pixels, training=False, domain=domain).numpy()
+
+
+def read_with_tf_only(export_path, pixels, jpeg, tmp_path):
+    np.save(tmp_path / "pixels.npy", pixels)
+    (tmp_path / "image.jpg").write_bytes(jpeg)
+    result = subprocess.run(
+        [sys.executable, "-c", TF_ONLY_READER, export_path, str(tmp_path / "pixels.npy"), str(tmp_path / "image.jpg")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_training_ends_with_an_export_that_tf_alone_can_serve(trained, tmp_path):
+    model_dir, trainer = trained
+    export_path = str(model_dir / "export" / "1")
+    assert trainer.export_path == export_path
+    rng = np.random.default_rng(0)
+    pixels = rng.uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    image = rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)
+    jpeg = tf.io.encode_jpeg(image, quality=95).numpy()
+    out = read_with_tf_only(export_path, pixels, jpeg, tmp_path)
+
+    sig = out["signatures"]
+    assert set(sig) == {"serving_default", "predict_pixels"}
+    assert sig["serving_default"]["inputs"] == {"image_bytes": ["string", [None]]}
+    assert sig["serving_default"]["outputs"] == {"classes": ["int64", [None]], "probabilities": ["float32", [None, 10]]}
+    assert sig["predict_pixels"]["inputs"] == {"pixels": ["float32", [None, 32, 32, 3]]}
+    assert sig["predict_pixels"]["outputs"]["logits"] == ["float32", [None, 10]]
+
+    # predict_pixels == the training model, main BN, EMA weights
+    np.testing.assert_allclose(out["logits"], training_model_logits(model_dir, pixels, "clean"), atol=1e-5, rtol=1e-5)
+    # serving_default on JPEG bytes == predict_pixels on the same image preprocessed in Python
+    from advprop_tf.data.preprocessing import preprocess_eval
+
+    preprocessed = preprocess_eval(tf.constant(jpeg), 32).numpy()[None]
+    want = read_with_tf_only(export_path, preprocessed, jpeg, tmp_path)["probabilities"][0]
+    np.testing.assert_allclose(out["bytes_probabilities"][0], want, atol=1e-4)
+    np.testing.assert_allclose(out["bytes_probabilities"][1], want, atol=1e-4)
+
+    # a bad image fails its request with a clear message; the next request is fine
+    assert "could not be decoded" in out["bad_error"]
+    np.testing.assert_allclose(out["after_bad_probabilities"][0], want, atol=1e-4)
+
+    # no auxiliary BN variable, and exactly the variables of a one-domain network
+    names = out["variables"]
+    assert not [n for n in names if "adv" in n]
+    saved = [n for n in names if "/.ATTRIBUTES/VARIABLE_VALUE" in n and "seed_generator" not in n]
+    one_domain = build_efficientnet("efficientnet-b0", num_classes=10, domains=("clean",),
+                                    width_coefficient=0.25, depth_coefficient=0.25)
+    assert len(saved) == len(one_domain.weights)
+
+
+def test_assets_describe_the_export(trained):
+    model_dir, _ = trained
+    assets = model_dir / "export" / "1" / "assets"
+    metadata = json.load(open(assets / "metadata.json"))
+    assert metadata["model"] == "efficientnet-b0" and metadata["resolution"] == 32
+    assert metadata["input_normalization"] == "inception" and metadata["method"] == "advprop"
+    assert metadata["domain"] == "clean" and metadata["ema"] is True and metadata["step"] == 4
+    labels = (assets / "labels.txt").read_text().split()
+    assert labels[:3] == ["disk", "square", "ring"] and len(labels) == 10
+
+
+def test_adv_domain_export_matches_the_auxiliary_bn(trained, tmp_path):
+    model_dir, _ = trained
+    path = export(str(model_dir), str(tmp_path / "exports"), domain="adv")
+    assert path.endswith("/1")
+    assert export(str(model_dir), str(tmp_path / "exports")).endswith("/2")  # next free version
+    pixels = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    loaded = tf.saved_model.load(path)
+    got = loaded.signatures["predict_pixels"](pixels=tf.constant(pixels))["logits"].numpy()
+    np.testing.assert_allclose(got, training_model_logits(model_dir, pixels, "adv"), atol=1e-5, rtol=1e-5)
+    assert not np.allclose(got, training_model_logits(model_dir, pixels, "clean"), atol=1e-3)
+
+
+def test_saved_model_cli_lists_both_signatures(trained):
+    model_dir, _ = trained
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    result = subprocess.run([cli, "show", "--dir", str(model_dir / "export" / "1"), "--all"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "signature_def['serving_default']" in result.stdout
+    assert "signature_def['predict_pixels']" in result.stdout
+
+
+def run_export_cli(*args):
+    return subprocess.run([sys.executable, "-m", "advprop_tf.export", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_bad_requests_exit_2_and_overwrite_nothing(trained, tmp_path):
+    model_dir, _ = trained
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([f"--model_dir={tmp_path / 'empty'}", f"--export_dir={tmp_path / 'out'}"], "holds no run_config.json"),
+        ([f"--model_dir={model_dir}", f"--export_dir={tmp_path / 'out'}", "--domain=robust"], "--domain: unknown domain 'robust'"),
+        ([f"--model_dir={model_dir}", f"--export_dir={model_dir / 'export'}", "--version=1"], "already exists"),
+    ]
+    before = sorted(os.listdir(model_dir / "export" / "1" / "variables"))
+    stamp = os.path.getmtime(model_dir / "export" / "1" / "saved_model.pb")
+    for args, message in cases:
+        result = run_export_cli(*args)
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = [l for l in result.stderr.splitlines() if l.startswith("advprop_tf.export: error:")]
+        assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "out" / "1")
+    assert sorted(os.listdir(model_dir / "export" / "1" / "variables")) == before
+    assert os.path.getmtime(model_dir / "export" / "1" / "saved_model.pb") == stamp
+    # a model_dir with a run config but no checkpoint
+    (tmp_path / "nockpt").mkdir()
+    (tmp_path / "nockpt" / "run_config.json").write_text((model_dir / "run_config.json").read_text())
+    result = run_export_cli(f"--model_dir={tmp_path / 'nockpt'}")
+    assert result.returncode == 2 and "no checkpoint" in result.stderr
