@@ -1,5 +1,7 @@
 """Small builders shared by the tests."""
 
+import functools
+
 
 def tiny_model(num_classes=10, domains=("clean", "adv"), **kwargs):
     """A reduced B0 (few channels, one block per stage) for fast tests."""
@@ -57,3 +59,15 @@ def accuracy(model, domain=None, num_examples=256, size=32):
         correct += int((pred == y.numpy()).sum())
         total += len(pred)
     return correct / total
+
+
+@functools.lru_cache(maxsize=None)
+def two_cpu_strategy():
+    """One MirroredStrategy over the two logical CPUs for the whole test session.
+
+    Each new MirroredStrategy in a process restarts its collective keys, so two
+    of them can collide on the same devices; a real run has only one.
+    """
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from advprop_tf.models.multi_bn import MultiBatchNormalization
+from tests.helpers import two_cpu_strategy
 
 
 def make_layer(domains=("clean", "adv"), channels=4, momentum=0.9):
@@ -176,7 +177,7 @@ def test_config_round_trip():
 
 def test_synchronized_statistics_span_replicas():
     """Under MirroredStrategy, synchronized BN sees the global batch of each domain."""
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = two_cpu_strategy()
     with strategy.scope():
         sync_layer = MultiBatchNormalization(momentum=0.0, synchronized=True)
         sync_layer.build((None, 3, 3, 4))

@@ -13,8 +13,7 @@ import tensorflow as tf
 
 from advprop_tf.config import make_config
 from advprop_tf.training.loop import NonFiniteLossError, Trainer, run_training
-from advprop_tf.training.strategy import mirrored_on_devices
-from tests.helpers import synthetic_batches
+from tests.helpers import synthetic_batches, two_cpu_strategy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +40,7 @@ def bn_stats(trainer, domain):
 
 
 def test_mirrored_loop_trains_advprop_on_two_logical_cpus(tmp_path):
-    strategy = mirrored_on_devices(["/cpu:0", "/cpu:1"])
+    strategy = two_cpu_strategy()
     trainer = Trainer(tiny_config(tmp_path, train_steps=4, steps_per_loop=2), strategy)
     assert strategy.num_replicas_in_sync == 2
     initial_clean, initial_adv = bn_stats(trainer, "clean"), bn_stats(trainer, "adv")
@@ -79,7 +78,7 @@ def test_mirrored_step_equals_default_strategy_on_the_same_global_batch():
             return model, TrainStep(model, get_method("advprop"), optimizer, config, strategy)
 
     default = tf.distribute.get_strategy()
-    mirrored = mirrored_on_devices(["/cpu:0", "/cpu:1"])
+    mirrored = two_cpu_strategy()
     model_1, step_1 = make(default)
     model_2, step_2 = make(mirrored)
     for a, b in zip(model_1.weights, model_2.weights):
@@ -244,4 +243,4 @@ def test_empty_folder_source_exits_2(tmp_path):
 
 def test_batch_not_divisible_by_replicas(tmp_path):
     with pytest.raises(ValueError, match="--train_batch_size=7 is not divisible by the 2 replicas"):
-        Trainer(tiny_config(tmp_path, train_batch_size=7), mirrored_on_devices(["/cpu:0", "/cpu:1"]))
+        Trainer(tiny_config(tmp_path, train_batch_size=7), two_cpu_strategy())

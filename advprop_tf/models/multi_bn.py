@@ -82,23 +82,26 @@ class MultiBatchNormalization(keras.layers.Layer):
                 "beta": self.add_weight(
                     shape=(channels,), initializer="zeros", autocast=False, name=f"{d}_beta"
                 ),
-                "moving_mean": self.add_weight(
-                    shape=(channels,),
-                    initializer="zeros",
-                    trainable=False,
-                    autocast=False,
-                    aggregation="mean",  # replicas' updates are averaged
-                    name=f"{d}_moving_mean",
-                ),
-                "moving_variance": self.add_weight(
-                    shape=(channels,),
-                    initializer="ones",
-                    trainable=False,
-                    autocast=False,
-                    aggregation="mean",
-                    name=f"{d}_moving_variance",
-                ),
+                "moving_mean": self._add_statistic(channels, "zeros", f"{d}_moving_mean"),
+                "moving_variance": self._add_statistic(channels, "ones", f"{d}_moving_variance"),
             }
+
+    def _add_statistic(self, channels, initializer, name):
+        """A moving statistic: float32, never autocast, synchronized ON_READ.
+
+        Under a distribution strategy each replica updates its own copy
+        without any communication inside the step; reading it outside the
+        replicas (checkpoints, EMA, export) gives the mean over replicas -- as
+        tf.keras 2 did for BatchNormalization. Keras 3's add_weight cannot set
+        the synchronization, hence this twin of it.
+        """
+        with keras.name_scope(self.name, caller=self):
+            variable = keras.Variable(
+                initializer=keras.initializers.get(initializer), shape=(channels,), dtype="float32",
+                trainable=False, autocast=False, aggregation="mean", synchronization="on_read", name=name,
+            )
+        self._track_variable(variable)
+        return variable
 
     def domain_variables(self, domain: str) -> dict:
         """The four variables of one domain: gamma, beta, moving_mean, moving_variance."""

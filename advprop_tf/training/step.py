@@ -112,8 +112,11 @@ class TrainStep:
             grads, sums = self._compute(images, labels, step)
         ctx = tf.distribute.get_replica_context()
         bad = ctx.all_reduce(tf.distribute.ReduceOp.SUM, sums["non_finite"]) > 0
-        for variable, value in zip(statistics, saved):
-            variable.assign(tf.where(bad, value, tf.convert_to_tensor(variable)))
+        restores = [variable.assign(tf.where(bad, value, tf.convert_to_tensor(variable)))
+                    for variable, value in zip(statistics, saved)]
+        # Every replica finishes this all-reduce before the gradients' one.
+        with tf.control_dependencies(restores):
+            grads = [None if g is None else tf.identity(g) for g in grads]
         return self._apply(grads, sums)
 
     def _apply(self, grads, sums):
