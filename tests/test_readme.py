@@ -37,6 +37,7 @@ def test_readme_main_command_runs_to_completion(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.load(open(tmp_path / "eval_results.json"))
     assert results["step"] == 600 and results["ema"] is True
-    assert results["top_1"] > 0.3
+    assert results["top_1"] > 0.3  # seeded: measured 0.47; chance is 0.10
+    assert os.path.isdir(tmp_path / "export" / "1")  # and it exported the main-BN model
     assert "final: top-1" in result.stdout
     assert "img/s" in result.stdout and "ETA" in result.stdout

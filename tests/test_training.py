@@ -95,11 +95,11 @@ def test_mirrored_step_equals_default_strategy_on_the_same_global_batch():
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    straight = run_training(tiny_config(tmp_path / "straight", train_steps=6))
-    first = run_training(tiny_config(tmp_path / "resumed", train_steps=3))
-    assert first.train_step.current_step == 3
-    resumed = run_training(tiny_config(tmp_path / "resumed", train_steps=6))
-    assert resumed.train_step.current_step == 6
+    straight = run_training(tiny_config(tmp_path / "straight", train_steps=4, steps_per_loop=2, export=False))
+    first = run_training(tiny_config(tmp_path / "resumed", train_steps=2, steps_per_loop=2, export=False))
+    assert first.train_step.current_step == 2
+    resumed = run_training(tiny_config(tmp_path / "resumed", train_steps=4, steps_per_loop=2, export=False))
+    assert resumed.train_step.current_step == 4
     # Same seed, same data order (the iterator position is in the checkpoint), same
     # attack seeds (derived from the step): the weights agree up to float noise.
     for a, b in zip(weights(straight), weights(resumed)):
@@ -124,10 +124,10 @@ def test_eval_results_and_summaries_are_written(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    run_training(tiny_config(tmp_path, train_steps=3))
+    run_training(tiny_config(tmp_path, train_steps=3, export=False))
     checkpoints = sorted(os.listdir(tmp_path / "checkpoints"))
     with pytest.raises(NonFiniteLossError, match="not finite.*--on_nan=skip"):
-        run_training(tiny_config(tmp_path, train_steps=6, base_learning_rate=1e30))
+        run_training(tiny_config(tmp_path, train_steps=6, base_learning_rate=1e30, export=False))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == checkpoints
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("-3")
 
@@ -170,19 +170,19 @@ def _wait_for_checkpoint(model_dir, proc, timeout=240):
 
 def test_sigkill_mid_run_then_restart_finishes_at_train_steps(tmp_path):
     model_dir = str(tmp_path)
-    cmd = _train_cmd(model_dir, "--train_steps=60", "--steps_per_loop=1", "--checkpoint_every_steps=1")
+    cmd = _train_cmd(model_dir, "--train_steps=40", "--steps_per_loop=1", "--checkpoint_every_steps=1", "--export=false")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert _wait_for_checkpoint(model_dir, proc)
     time.sleep(0.7)  # kill at an arbitrary point, possibly while a checkpoint is being written
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = int(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).rsplit("-", 1)[1])
-    assert 0 < killed_at < 60
-    done = subprocess.run(_train_cmd(model_dir, "--train_steps=60", "--steps_per_loop=20", "--checkpoint_every_steps=20"),
+    assert 0 < killed_at < 40
+    done = subprocess.run(_train_cmd(model_dir, "--train_steps=40", "--steps_per_loop=20", "--checkpoint_every_steps=20", "--export=false"),
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.load(open(tmp_path / "eval_results.json"))["step"] == 60
-    assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).endswith("-60")
+    assert json.load(open(tmp_path / "eval_results.json"))["step"] == 40
+    assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).endswith("-40")
     assert f"resumed from" in done.stdout + done.stderr
 
 
