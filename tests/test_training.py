@@ -94,6 +94,38 @@ def test_mirrored_step_equals_default_strategy_on_the_same_global_batch():
     assert step_2.current_step == step_1.current_step == 2
 
 
+def test_mirrored_sync_bn_step_equals_default_strategy():
+    """With synchronized BN, two replicas on different halves == one device on the whole batch."""
+    import keras
+
+    from advprop_tf.methods import AttackConfig, get_method
+    from advprop_tf.training.optimization import make_optimizer, make_schedule
+    from advprop_tf.training.step import StepConfig, TrainStep
+    from tests.helpers import tiny_model
+
+    def make(strategy, sync):
+        with strategy.scope():
+            keras.utils.set_random_seed(4)
+            model = tiny_model(dropout_rate=0.0, drop_connect_rate=0.0, synchronized_bn=sync)
+            optimizer = make_optimizer("rmsprop", make_schedule("constant", 0.01, 10, 10, 0), model)
+            config = StepConfig(global_batch_size=16, num_classes=10,
+                                attack=AttackConfig(epsilon=2, num_steps=2, step_size=1, targeted=False))
+            return model, TrainStep(model, get_method("advprop"), optimizer, config, strategy)
+
+    mirrored = two_cpu_strategy()
+    model_1, step_1 = make(tf.distribute.get_strategy(), False)
+    model_2, step_2 = make(mirrored, True)
+    batches = list(synthetic_batches(16).take(2))
+    for x, y in batches:
+        step_1.run_batch(x, y)
+    for batch in mirrored.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices(
+            (tf.stack([b[0] for b in batches]), tf.stack([b[1] for b in batches]))).unbatch().batch(16)):
+        step_2.run_batch(*batch)
+    # the attack runs on each replica's half with inference-mode BN: identical too
+    for a, b in zip(model_1.weights, model_2.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-5, err_msg=a.path)
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     straight = run_training(tiny_config(tmp_path / "straight", train_steps=4, steps_per_loop=2, export=False))
     first = run_training(tiny_config(tmp_path / "resumed", train_steps=2, steps_per_loop=2, export=False))

@@ -87,21 +87,15 @@ class MultiBatchNormalization(keras.layers.Layer):
             }
 
     def _add_statistic(self, channels, initializer, name):
-        """A moving statistic: float32, never autocast, synchronized ON_READ.
+        """A moving statistic: float32, never autocast; replicas' updates are averaged.
 
-        Under a distribution strategy each replica updates its own copy
-        without any communication inside the step; reading it outside the
-        replicas (checkpoints, EMA, export) gives the mean over replicas -- as
-        tf.keras 2 did for BatchNormalization. Keras 3's add_weight cannot set
-        the synchronization, hence this twin of it.
+        (ON_READ synchronization, as tf.keras 2 used, made the AdvProp step
+        ~40% slower here: tools/benchmark_methods.py.)
         """
-        with keras.name_scope(self.name, caller=self):
-            variable = keras.Variable(
-                initializer=keras.initializers.get(initializer), shape=(channels,), dtype="float32",
-                trainable=False, autocast=False, aggregation="mean", synchronization="on_read", name=name,
-            )
-        self._track_variable(variable)
-        return variable
+        return self.add_weight(
+            shape=(channels,), initializer=initializer, trainable=False, autocast=False,
+            aggregation="mean", name=name,
+        )
 
     def domain_variables(self, domain: str) -> dict:
         """The four variables of one domain: gamma, beta, moving_mean, moving_variance."""

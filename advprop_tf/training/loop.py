@@ -107,11 +107,6 @@ class Trainer:
                 "--jit_compile: not supported with several GPU/CPU replicas (BN statistic updates "
                 "synchronise replicas inside the step); on TPU the whole step is compiled anyway"
             )
-        if cfg.sync_bn and replicas > 1 and not cfg.tpu:
-            raise ValueError(
-                "--sync_bn: supported on TPU only for now; under MirroredStrategy its all-reduces "
-                "can be ordered differently from the gradient all-reduce on each replica"
-            )
         if cfg.mixed_precision != "none":
             keras.mixed_precision.set_global_policy(f"mixed_{cfg.mixed_precision}")
         self.source = parse_source(
