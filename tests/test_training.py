@@ -276,3 +276,33 @@ def test_empty_folder_source_exits_2(tmp_path):
 def test_batch_not_divisible_by_replicas(tmp_path):
     with pytest.raises(ValueError, match="--train_batch_size=7 is not divisible by the 2 replicas"):
         Trainer(tiny_config(tmp_path, train_batch_size=7), two_cpu_strategy())
+
+
+def test_float16_training_step_uses_loss_scaling():
+    """mixed_float16: float32 variables, a LossScaleOptimizer, finite loss, weights move."""
+    import keras
+
+    from advprop_tf.methods import AttackConfig, get_method
+    from advprop_tf.training.optimization import make_optimizer, make_schedule
+    from advprop_tf.training.step import StepConfig, TrainStep
+    from tests.helpers import tiny_model
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = tiny_model()
+    optimizer = make_optimizer("rmsprop", make_schedule("constant", 0.01, 10, 10, 0), model, loss_scaling=True)
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    step = TrainStep(model, get_method("advprop"), optimizer,
+                     StepConfig(global_batch_size=8, num_classes=10, attack=AttackConfig(epsilon=2, num_steps=1)))
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    x, y = next(iter(synthetic_batches(8)))
+    # Dynamic loss scaling starts at 2**15: float16 gradients overflow and those
+    # steps are skipped while the scale halves, until updates go through.
+    for _ in range(20):
+        sums = step.run_batch(x, y)
+        assert np.isfinite(float(sums["loss"]))
+        if not all(np.array_equal(a, v.numpy()) for a, v in zip(before, model.trainable_variables)):
+            break
+    else:
+        pytest.fail("no update went through in 20 float16 steps")
+    assert float(optimizer.dynamic_scale) < 2.0**15
+    assert all(v.dtype == "float32" for v in model.weights)
