@@ -188,10 +188,6 @@ METHODS = {
     "mixed": mixed,
 }
 
-# Methods that train auxiliary BNs; the others use the main BN only.
-MULTI_DOMAIN_METHODS = ("advprop",)
-
-
 def get_method(name: str):
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")

@@ -35,7 +35,3 @@ def make_strategy(tpu: str = "", num_gpus: int = -1, worker_hosts: str = "", tas
         return tf.distribute.OneDeviceStrategy(gpus[0].name)
     return tf.distribute.get_strategy()
 
-
-def mirrored_on_devices(devices):
-    """MirroredStrategy over explicit devices (e.g. logical CPUs in tests)."""
-    return tf.distribute.MirroredStrategy(list(devices))
