@@ -21,7 +21,7 @@ import zlib
 import tensorflow as tf
 
 from advprop_tf.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
-from advprop_tf.data.synthetic import synthetic_example
+from advprop_tf.data.synthetic import synthetic_dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
 SOURCE_KINDS = ("synthetic", "folder", "tfrecord", "tfds")
@@ -83,9 +83,7 @@ def parse_source(spec: str, data_dir: str | None = None, num_classes: int | None
 def _synthetic(num_classes, size, num_examples, seed):
     def make(split, n):
         def build(ctx, shuffle_seed):
-            ids = _shuffled(_shard(tf.data.Dataset.range(n), ctx), n, shuffle_seed)
-            return ids.map(lambda i: synthetic_example(i, seed, split, size, num_classes),
-                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            return synthetic_dataset(split, n, size, num_classes, seed, shuffle_seed, ctx)
 
         return build
 

@@ -65,14 +65,24 @@ def synthetic_example(index, seed: int, split: str, size: int, num_classes: int)
 
 def synthetic_dataset(
     split: str = "train", num_examples: int = 10_000, size: int = 64,
-    num_classes: int = 10, seed: int = 0,
+    num_classes: int = 10, seed: int = 0, shuffle_seed: int | None = None,
+    input_context: tf.distribute.InputContext | None = None,
 ) -> tf.data.Dataset:
-    """Finite dataset of (uint8 image, int32 label); labels cycle through the classes."""
+    """Finite dataset of (uint8 image, int32 label); labels cycle through the classes.
+
+    `input_context` keeps this input pipeline's share of the example ids;
+    `shuffle_seed` shuffles the ids (cheaply, before any image is drawn).
+    """
     if split not in SPLIT_OFFSETS:
         raise ValueError(f"synthetic split must be one of {sorted(SPLIT_OFFSETS)}, got {split!r}")
     if not 2 <= num_classes <= len(CLASS_NAMES):
         raise ValueError(f"synthetic num_classes must be in [2, {len(CLASS_NAMES)}], got {num_classes}")
-    return tf.data.Dataset.range(num_examples).map(
+    ids = tf.data.Dataset.range(num_examples)
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        ids = ids.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    if shuffle_seed is not None:
+        ids = ids.shuffle(num_examples, seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ids.map(
         lambda i: synthetic_example(i, seed, split, size, num_classes),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
