@@ -31,7 +31,8 @@ setup(
         "cpu": [f"tensorflow-cpu=={TF_VERSION}"],
         "gpu": [f"tensorflow[and-cuda]=={TF_VERSION}"],
         "tpu": [f"tensorflow=={TF_VERSION}", "libtpu"],
-        "test": ["pytest>=7"],
+        "tools": ["matplotlib>=3.7"],  # the chart of tools/compare_methods.py
+        "test": ["pytest>=7", "matplotlib>=3.7"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -35,10 +35,10 @@ class ExportError(ValueError):
     """A request that cannot be exported; nothing was written."""
 
 
-def write_run_config(model_dir, model, class_names, method, dataset):
-    """What export needs to rebuild the training model (written by the trainer)."""
+def write_run_config(model_dir, model, class_names, method, dataset, data_options=None):
+    """What export and evaluate need to rebuild the training model and find its data (written by the trainer)."""
     config = {"model": model.get_config(), "class_names": list(class_names or []),
-              "method": method, "dataset": dataset}
+              "method": method, "dataset": dataset, "data_options": dict(data_options or {})}
     with tf.io.gfile.GFile(os.path.join(model_dir, RUN_CONFIG), "w") as f:
         json.dump(config, f, indent=2)
 
@@ -115,8 +115,12 @@ def next_version(export_dir):
     return max(versions, default=0) + 1
 
 
-def export(model_dir, export_dir, domain="clean", use_ema=True, version=None):
-    """Write the SavedModel; returns its directory. Raises ExportError, writing nothing, on bad requests."""
+def load_trained(model_dir, use_ema=True, domain=None):
+    """The training model (all domains) of `model_dir`'s newest checkpoint, EMA values applied.
+
+    Returns (model, run_config, step). Raises ExportError naming the flag on a
+    bad directory, a missing checkpoint or EMA, or an unknown `domain`.
+    """
     from advprop_tf.training.ema import ExponentialMovingAverage
 
     run = read_run_config(model_dir)
@@ -124,13 +128,8 @@ def export(model_dir, export_dir, domain="clean", use_ema=True, version=None):
     if not latest:
         raise ExportError(f"--model_dir: no checkpoint in {os.path.join(model_dir, 'checkpoints')!r}")
     trained = EfficientNet.from_config(run["model"])
-    if domain not in trained.domains:
+    if domain is not None and domain not in trained.domains:
         raise ExportError(f"--domain: unknown domain {domain!r}; the model has {tuple(trained.domains)}")
-    version = next_version(export_dir) if version is None else int(version)
-    target = os.path.join(export_dir, str(version))
-    if tf.io.gfile.exists(target):
-        raise ExportError(f"--version: {target!r} already exists; not overwriting it")
-
     tracked = {"model": trained}
     ema = None
     if use_ema:
@@ -140,8 +139,20 @@ def export(model_dir, export_dir, domain="clean", use_ema=True, version=None):
     tf.train.Checkpoint(**tracked).read(latest).expect_partial().assert_existing_objects_matched()
     if ema is not None:
         ema.copy_to(trained)
+    return trained, run, int(latest.rsplit("-", 1)[1])
+
+
+def export(model_dir, export_dir, domain="clean", use_ema=True, version=None):
+    """Write the SavedModel; returns its directory. Raises ExportError, writing nothing, on bad requests."""
+    run = read_run_config(model_dir)
+    if domain not in run["model"].get("domains", ["clean"]):
+        raise ExportError(f"--domain: unknown domain {domain!r}; the model has {tuple(run['model']['domains'])}")
+    version = next_version(export_dir) if version is None else int(version)
+    target = os.path.join(export_dir, str(version))
+    if tf.io.gfile.exists(target):
+        raise ExportError(f"--version: {target!r} already exists; not overwriting it")
+    trained, run, step = load_trained(model_dir, use_ema, domain)
     network = inference_network(trained, domain)
-    step = int(latest.rsplit("-", 1)[1])
     metadata = {
         "model": trained.model_name, "input_normalization": trained.input_normalization,
         "resolution": trained.resolution, "num_classes": trained.num_classes,

@@ -23,3 +23,20 @@ def _float32_policy():
     yield
     keras.mixed_precision.set_global_policy("float32")
 
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A tiny AdvProp run (4 steps, EMA, exported at the end), shared by the export and evaluate tests."""
+    from advprop_tf.config import make_config
+    from advprop_tf.training.loop import run_training
+
+    model_dir = tmp_path_factory.mktemp("run")
+    cfg = make_config(
+        model_dir=str(model_dir), dataset="synthetic", synthetic_examples=128, width_coefficient=0.25,
+        depth_coefficient=0.25, resolution=32, train_batch_size=8, eval_batch_size=32, train_steps=4,
+        steps_per_loop=2, optimizer="sgd", lr_schedule="constant", base_learning_rate=0.5,
+        warmup_epochs=0.0, seed=0, ema_decay=0.5, checkpoint_every_steps=4,
+    )
+    trainer = run_training(cfg)
+    return model_dir, trainer

@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from advprop_tf.config import make_config
 from advprop_tf.export import export, read_run_config
 from advprop_tf.models import build_efficientnet
 from advprop_tf.models.efficientnet import EfficientNet
 from advprop_tf.training.ema import ExponentialMovingAverage
-from advprop_tf.training.loop import run_training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,19 +49,6 @@ out["after_bad_probabilities"] = res["probabilities"].numpy().tolist()
 out["variables"] = [name for name, _ in tf.train.list_variables(export_dir + "/variables/variables")]
 print(json.dumps(out))
 """
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("run")
-    cfg = make_config(
-        model_dir=str(model_dir), dataset="synthetic", synthetic_examples=128, width_coefficient=0.25,
-        depth_coefficient=0.25, resolution=32, train_batch_size=8, eval_batch_size=32, train_steps=4,
-        steps_per_loop=2, optimizer="sgd", lr_schedule="constant", base_learning_rate=0.5,
-        warmup_epochs=0.0, seed=0, ema_decay=0.5, checkpoint_every_steps=4,
-    )
-    trainer = run_training(cfg)
-    return model_dir, trainer
 
 
 def training_model_logits(model_dir, pixels, domain):

@@ -22,6 +22,7 @@ from absl import logging
 from advprop_tf.config import attack_steps, model_domains
 from advprop_tf.data.pipeline import DecodeStats, check_readable, eval_dataset, train_dataset
 from advprop_tf.data.sources import SourceError, parse_source
+from advprop_tf.evaluation import topk_counts
 from advprop_tf.export import export, write_run_config
 from advprop_tf.methods import AttackConfig, get_method, parse_epsilon_schedule
 from advprop_tf.models import build_efficientnet
@@ -88,6 +89,36 @@ def run_seed(cfg):
 def _format_eta(seconds):
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class _TrainTiming:
+    """Training wall time and steady images/s, accumulated over resumes in train_stats.json."""
+
+    def __init__(self, model_dir, images_per_step, total_steps):
+        self.total_steps = total_steps
+        self.path = os.path.join(model_dir, "train_stats.json")
+        self.images_per_step = images_per_step
+        previous = {}
+        if tf.io.gfile.exists(self.path):
+            with tf.io.gfile.GFile(self.path) as f:
+                previous = json.load(f)
+        self.seconds = previous.get("train_seconds", 0.0)
+        self.steady_steps = previous.get("steady_steps", 0)
+        self.steady_seconds = previous.get("steady_seconds", 0.0)
+
+    def add(self, steps, seconds, first):
+        self.seconds += seconds
+        if not first:  # the first call of a run includes tracing
+            self.steady_steps += steps
+            self.steady_seconds += seconds
+
+    def write(self, step):
+        rate = self.steady_steps * self.images_per_step / self.steady_seconds if self.steady_seconds else None
+        stats = {"steps": step, "total_steps": self.total_steps, "finished": step >= self.total_steps,
+                 "train_seconds": round(self.seconds, 1), "steady_steps": self.steady_steps,
+                 "steady_seconds": round(self.steady_seconds, 2), "images_per_second": rate}
+        with tf.io.gfile.GFile(self.path, "w") as f:
+            json.dump(stats, f, indent=2)
 
 
 class Trainer:
@@ -173,7 +204,11 @@ class Trainer:
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, os.path.join(cfg.model_dir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
         )
-        write_run_config(cfg.model_dir, self.model, self.source.class_names, cfg.method, cfg.dataset)
+        write_run_config(cfg.model_dir, self.model, self.source.class_names, cfg.method, cfg.dataset,
+                         dict(data_dir=cfg.data_dir, num_classes=cfg.num_classes,
+                              holdout_fraction=cfg.holdout_fraction,
+                              synthetic_examples=cfg.synthetic_examples,
+                              synthetic_size=int(math.ceil((cfg.resolution or 224) / 0.875))))
         self.writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir, "train"))
         self.eval_writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir, "eval"))
 
@@ -223,6 +258,7 @@ class Trainer:
         step = self.restore()
         images_per_step = cfg.train_batch_size
         started, start_step = time.time(), step
+        timing = _TrainTiming(cfg.model_dir, images_per_step, self.total_steps)
         with _Preemption() as preemption:
             while step < self.total_steps:
                 n = min(cfg.steps_per_loop, self.total_steps - step)
@@ -242,17 +278,21 @@ class Trainer:
                         "Lower --base_learning_rate, or pass --on_nan=skip to skip such steps."
                     )
                 elapsed = time.time() - loop_start
+                timing.add(n, elapsed, first=step - n == start_step)
                 self._log(step, n, sums, images_per_step * n / elapsed,
                           (time.time() - started) / max(1, step - start_step) * (self.total_steps - step))
                 if step % cfg.checkpoint_every_steps == 0 or step >= self.total_steps:
                     self.save()
+                    timing.write(step)
                 if cfg.eval_every_steps and step % cfg.eval_every_steps == 0 and step < self.total_steps:
                     self.evaluate()
                 if preemption.requested:
                     path = self.save()
+                    timing.write(step)
                     logging.warning("SIGTERM: saved %s at step %d; exiting", path, step)
                     return None
         self.save()
+        timing.write(step)
         results = self.evaluate(final=True)
         if cfg.export:
             self.export_path = export(cfg.model_dir, os.path.join(cfg.model_dir, "export"),
@@ -313,13 +353,7 @@ class Trainer:
 
         @tf.function
         def replica_counts(images, labels):
-            logits = model(images, training=False, domain=domain)
-            labels = tf.cast(labels, tf.int32)
-            valid = tf.cast(labels >= 0, tf.float32)  # padding has label -1
-            labels = tf.maximum(labels, 0)
-            top1 = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
-            topk = tf.cast(tf.nn.in_top_k(labels, logits, k), tf.float32)
-            return tf.stack([tf.reduce_sum(top1 * valid), tf.reduce_sum(topk * valid), tf.reduce_sum(valid)])
+            return topk_counts(model(images, training=False, domain=domain), labels, k)
 
         totals = tf.zeros([3])
         for i, (images, labels) in enumerate(self._eval_input()):

@@ -1,0 +1,227 @@
+"""python -m advprop_tf.evaluate (--model_dir=<dir> | --saved_model=<dir>) [--dataset=<source>] [...]
+
+Measures one network the way the paper does and prints a table:
+  clean top-1 / top-5;
+  --attack=pgd --epsilon=4 --num_steps=5 --step_size=1 [--targeted]: accuracy under
+      PGD on the evaluated network itself (and the targeted attack's success rate);
+  --corruptions=all|name,... --severities=1,2,3,4,5: ImageNet-C style corruptions
+      generated on the fly; per-corruption accuracy, mean corruption accuracy, and
+      with --reference_results=<json of a reference model> the mCE.
+Results go to --output (JSON; default <model_dir>/evaluation_<domain>.json, or
+evaluation_<version>.json beside a SavedModel).
+
+Without --dataset, a training directory is evaluated on the validation split of
+the data it was trained on. ImageNet-A/R (200 of the 1000 classes): pass
+--label_subset=auto (the classes present in the split) or a file of class ids.
+Bad flags exit with status 2 and one line naming the flag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+from advprop_tf.attacks.pgd import steps_for_epsilon  # noqa: E402
+from advprop_tf.data.corruptions import parse_corruptions, parse_severities  # noqa: E402
+from advprop_tf.data.sources import SOURCE_KINDS  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv=FLAGS):
+    def d(kind, *args, **kwargs):
+        getattr(flags, f"DEFINE_{kind}")(*args, flag_values=fv, **kwargs)
+
+    d("string", "model_dir", None, "Training directory to evaluate (newest checkpoint).")
+    d("string", "saved_model", None, "Or: an exported SavedModel directory (export/<version>).")
+    d("string", "domain", None, "BN domain of a training directory (default clean; adv = the robust one).")
+    d("bool", "use_ema", True, "Evaluate the EMA averages (as exported) rather than the raw weights.")
+    d("string", "dataset", None, f"Data source ({', '.join(SOURCE_KINDS)}); default: the training data.")
+    d("string", "data_dir", None, "Location for tfrecord/folder sources, or TFDS data_dir.")
+    d("string", "split", "validation", "Split to evaluate: validation (TFDS: or test) or train.")
+    d("float", "holdout_fraction", None, "folder: held-out fraction (default: as trained).")
+    d("integer", "num_classes", None, "tfrecord: classes (default 1000).")
+    d("integer", "synthetic_examples", None, "synthetic: training examples, which fix the validation split's "
+      "size (default: as trained, else 10000).")
+    d("integer", "batch_size", 64, "Evaluation batch.")
+    d("integer", "max_batches", 0, "Stop after this many batches (0: the whole split).")
+    d("enum", "attack", "none", ["none", "pgd"], "Adversarial evaluation.")
+    d("float", "epsilon", 4.0, "PGD L-inf radius in pixels (0-255).")
+    d("integer", "num_steps", None, "PGD iterations (default: epsilon+1, 1 for epsilon 1).")
+    d("float", "step_size", 1.0, "PGD step in pixels.")
+    d("bool", "targeted", True, "Attack toward a random wrong class (the authors') or untargeted.")
+    d("bool", "random_start", False, "Start PGD at a random point of the epsilon-ball.")
+    d("string", "corruptions", "", "all, or a comma-separated list of corruption names.")
+    d("list", "severities", ["1", "2", "3", "4", "5"], "Corruption severities, 1..5.")
+    d("string", "reference_results", None, "JSON results of a reference model, for the mCE.")
+    d("string", "label_subset", "none", "none, auto (classes present in the split) or a file of class ids.")
+    d("integer", "seed", 0, "Seed for attack targets/starts and corruption noise.")
+    d("string", "output", None, "Results JSON path.")
+
+
+class UsageError(ValueError):
+    """A bad flag: the message starts with its name."""
+
+
+def validate(f=FLAGS):
+    """Check the flags before TensorFlow builds anything; returns (corruptions, severities, reference)."""
+    if bool(f.model_dir) == bool(f.saved_model):
+        raise UsageError("--model_dir: give exactly one of --model_dir and --saved_model")
+    path = f.model_dir or f.saved_model
+    flag = "model_dir" if f.model_dir else "saved_model"
+    if not os.path.isdir(path):
+        raise UsageError(f"--{flag}: {path!r} does not exist")
+    if f.dataset is not None and f.dataset.partition(":")[0] not in SOURCE_KINDS:
+        raise UsageError(f"--dataset: unknown data source {f.dataset!r}; valid kinds: {', '.join(SOURCE_KINDS)}")
+    if f.saved_model and f.dataset is None:
+        raise UsageError("--dataset: is required with --saved_model")
+    if f.batch_size < 1:
+        raise UsageError(f"--batch_size: must be >= 1, got {f.batch_size}")
+    if f.epsilon < 0:
+        raise UsageError(f"--epsilon: must be >= 0, got {f.epsilon:g}")
+    if f.step_size <= 0:
+        raise UsageError(f"--step_size: must be > 0, got {f.step_size:g}")
+    if f.num_steps is not None and f.num_steps < 1:
+        raise UsageError(f"--num_steps: must be >= 1, got {f.num_steps}")
+    try:
+        corruptions = parse_corruptions(f.corruptions)
+    except ValueError as e:
+        raise UsageError(f"--corruptions: {e}") from None
+    try:
+        severities = parse_severities(f.severities)
+    except ValueError as e:
+        raise UsageError(f"--severities: {e}") from None
+    reference = None
+    if f.reference_results:
+        if not corruptions:
+            raise UsageError("--reference_results: needs --corruptions (the mCE compares corruption errors)")
+        try:
+            with open(f.reference_results) as fh:
+                reference = json.load(fh)
+        except OSError as e:
+            raise UsageError(f"--reference_results: cannot read {f.reference_results!r} ({e.strerror})") from None
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--reference_results: {f.reference_results!r} is not JSON ({e.msg})") from None
+    if f.label_subset not in ("none", "auto") and not os.path.isfile(f.label_subset):
+        raise UsageError(f"--label_subset: {f.label_subset!r} is neither none, auto nor a file")
+    return corruptions, severities, reference
+
+
+def _label_subset(spec, source, split):
+    import numpy as np
+
+    if spec == "none":
+        return None
+    if spec == "auto":
+        labels = source.dataset(split).map(lambda data, label: label)
+        return sorted(int(v) for v in np.unique(np.fromiter(labels.as_numpy_iterator(), np.int64)))
+    with open(spec) as fh:
+        try:
+            return sorted({int(token) for token in fh.read().replace(",", " ").split()})
+        except ValueError:
+            raise UsageError(f"--label_subset: {spec!r} must hold integer class ids") from None
+
+
+def run(f=FLAGS, log=print):
+    """Evaluate as the flags say; returns (results, output path)."""
+    import math
+
+    from advprop_tf import evaluation
+    from advprop_tf.data.pipeline import eval_dataset
+    from advprop_tf.data.sources import SourceError, parse_source
+    from advprop_tf.export import ExportError, read_run_config
+
+    corruptions, severities, reference = validate(f)
+    if f.model_dir:
+        try:
+            run_config = read_run_config(f.model_dir)
+        except ExportError as e:
+            raise UsageError(str(e)) from None
+        classifier = evaluation.classifier_from_model_dir(f.model_dir, f.domain or "clean", f.use_ema)
+    else:
+        run_config = {}
+        classifier = evaluation.classifier_from_saved_model(f.saved_model, f.domain)
+    options = run_config.get("data_options", {})
+    dataset_spec = f.dataset or run_config.get("dataset")
+    data_dir = f.data_dir if f.data_dir is not None else (None if f.dataset else options.get("data_dir"))
+    holdout = f.holdout_fraction if f.holdout_fraction is not None else options.get("holdout_fraction", 0.0)
+    try:
+        source = parse_source(
+            dataset_spec, data_dir, f.num_classes or options.get("num_classes"), holdout,
+            synthetic_size=options.get("synthetic_size", int(math.ceil(classifier.resolution / 0.875))),
+            synthetic_examples=f.synthetic_examples or options.get("synthetic_examples", 10_000), seed=0,
+        )
+        if f.split not in source.splits:
+            raise UsageError(f"--split: {dataset_spec!r} has no split {f.split!r}; it has {source.splits}")
+        subset = _label_subset(f.label_subset, source, f.split)
+    except SourceError as e:
+        raise UsageError(f"--dataset: {e}") from None
+    label_map = None
+    if subset is not None:
+        classifier = evaluation.restrict_to_labels(classifier, subset)
+        label_map = evaluation.subset_label_map(subset)
+    elif source.num_classes and source.num_classes > classifier.num_classes:
+        raise UsageError(f"--dataset: {dataset_spec!r} has {source.num_classes} classes, the model "
+                         f"{classifier.num_classes}; for a class subset pass --label_subset")
+    attack = None
+    if f.attack == "pgd":
+        steps = f.num_steps if f.num_steps is not None else steps_for_epsilon(f.epsilon)
+        attack = evaluation.AttackSpec(f.epsilon, steps, f.step_size, f.targeted, f.random_start)
+    # Padded to full batches (label -1, not counted): every batch has one shape, one trace.
+    data = eval_dataset(source, classifier.resolution, f.batch_size, split=f.split, pad_to_batch=True)
+    total = source.num_examples(f.split)
+    if f.max_batches:
+        total = min(total or f.max_batches * f.batch_size, f.max_batches * f.batch_size)
+    results = evaluation.evaluate(
+        classifier, data, attack=attack, corruptions=corruptions, severities=severities, seed=f.seed,
+        num_examples=total, max_batches=f.max_batches or None, label_map=label_map, progress=log,
+    )
+    results.update(dataset=dataset_spec, split=f.split)
+    if reference is not None:
+        results["mce"] = evaluation.corruption_errors(results, reference)
+    output = f.output or _default_output(f, classifier)
+    with open(output, "w") as fh:
+        json.dump(results, fh, indent=2)
+    return results, output
+
+
+def _default_output(f, classifier):
+    if f.model_dir:
+        return os.path.join(f.model_dir, f"evaluation_{classifier.description['domain']}.json")
+    path = os.path.normpath(f.saved_model)
+    return os.path.join(os.path.dirname(path), f"evaluation_{os.path.basename(path)}.json")
+
+
+def fail(message):
+    print(f"advprop_tf.evaluate: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; flags are written --name=value")
+    from advprop_tf.evaluation import EvaluationError, results_table
+
+    try:
+        results, output = run(FLAGS, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except (UsageError, EvaluationError) as e:
+        fail(str(e))
+    print(results_table(results))
+    print(f"results: {output}")
+
+
+def parse(argv):
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        fail(str(e).splitlines()[0])
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=parse)

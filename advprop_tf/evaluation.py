@@ -1,0 +1,285 @@
+"""Measure a classifier the way the paper does: clean, under PGD, under corruptions.
+
+A `Classifier` is a `logits_fn(pixels)` on [0, 255] pixels plus what the
+evaluation needs to know (resolution, classes); it comes from a training
+directory (any BN domain, EMA or raw weights) or from an exported SavedModel,
+so the same numbers can be had from both. `evaluate()` walks the eval set
+once: per batch it counts clean top-1/top-5, attacks the same network with
+PGD, and classifies every requested corruption at every severity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from advprop_tf.attacks.pgd import pgd, random_wrong_labels
+from advprop_tf.data.corruptions import corrupt
+
+
+class EvaluationError(ValueError):
+    """A request that cannot be evaluated; the message names the flag."""
+
+
+@dataclasses.dataclass
+class Classifier:
+    logits_fn: Callable  # float32 pixels [N, R, R, 3] in [0, 255] -> logits [N, C]
+    resolution: int
+    num_classes: int
+    description: dict  # what was loaded: kind, path, domain, ema, step, model
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSpec:
+    epsilon: float
+    num_steps: int
+    step_size: float
+    targeted: bool = True
+    random_start: bool = False
+
+
+def topk_counts(logits, labels, k: int):
+    """[top-1 correct, top-k correct, examples] summed over a batch; label -1 marks padding."""
+    labels = tf.cast(labels, tf.int32)
+    valid = tf.cast(labels >= 0, tf.float32)
+    labels = tf.maximum(labels, 0)
+    top1 = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
+    topk = tf.cast(tf.nn.in_top_k(labels, tf.cast(logits, tf.float32), k), tf.float32)
+    return tf.stack([tf.reduce_sum(top1 * valid), tf.reduce_sum(topk * valid), tf.reduce_sum(valid)])
+
+
+# ------------------------------------------------------------------ loading
+def classifier_from_model_dir(model_dir: str, domain: str = "clean", use_ema: bool = True) -> Classifier:
+    """The training model of `model_dir`, routed through `domain`'s BN, in inference mode."""
+    from advprop_tf.export import ExportError, load_trained
+
+    try:
+        model, run, step = load_trained(model_dir, use_ema, domain)
+    except ExportError as e:
+        raise EvaluationError(str(e)) from None
+    spec = tf.TensorSpec([None, model.resolution, model.resolution, 3], tf.float32)
+    logits_fn = tf.function(lambda x: tf.cast(model(x, training=False, domain=domain), tf.float32),
+                            input_signature=[spec])
+    return Classifier(logits_fn, model.resolution, model.num_classes, {
+        "kind": "model_dir", "path": model_dir, "model": model.model_name, "domain": domain,
+        "ema": bool(use_ema), "step": step, "method": run.get("method"),
+    })
+
+
+def classifier_from_saved_model(path: str, domain: str | None = None) -> Classifier:
+    """An exported SavedModel (advprop_tf.export), through its predict_pixels signature."""
+    if not tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+        raise EvaluationError(f"--saved_model: {path!r} holds no saved_model.pb")
+    loaded = tf.saved_model.load(path)
+    if "predict_pixels" not in loaded.signatures:
+        raise EvaluationError(f"--saved_model: {path!r} has no predict_pixels signature (not an advprop_tf export)")
+    metadata = {}
+    metadata_path = os.path.join(path, "assets", "metadata.json")
+    if tf.io.gfile.exists(metadata_path):
+        with tf.io.gfile.GFile(metadata_path) as f:
+            metadata = json.load(f)
+    exported_domain = metadata.get("domain", "clean")
+    if domain is not None and domain != exported_domain:
+        raise EvaluationError(
+            f"--domain: the SavedModel holds only the {exported_domain!r} BN; export the {domain!r} domain "
+            "(python -m advprop_tf.export --domain=...) or evaluate the model_dir"
+        )
+    signature = loaded.signatures["predict_pixels"]
+    resolution = int(signature.structured_input_signature[1]["pixels"].shape[1])
+    num_classes = int(signature.structured_outputs["logits"].shape[-1])
+
+    def logits_fn(x):
+        return signature(pixels=x)["logits"]
+
+    logits_fn.loaded = loaded  # keep the restored object (and its variables) alive
+    return Classifier(logits_fn, resolution, num_classes, {
+        "kind": "saved_model", "path": path, "model": metadata.get("model"), "domain": exported_domain,
+        "ema": metadata.get("ema"), "step": metadata.get("step"), "method": metadata.get("method"),
+    })
+
+
+def restrict_to_labels(classifier: Classifier, subset: Sequence[int]) -> Classifier:
+    """Only the classes in `subset` compete (ImageNet-A/R: 200 of the 1000 ImageNet classes).
+
+    Logits become [N, len(subset)]; labels must then be mapped with `subset_label_map`.
+    """
+    subset = sorted(int(i) for i in subset)
+    if not subset or subset[-1] >= classifier.num_classes or subset[0] < 0:
+        raise EvaluationError(f"--label_subset: classes must lie in 0..{classifier.num_classes - 1}")
+    indices = tf.constant(subset, tf.int32)
+    inner = classifier.logits_fn
+
+    def logits_fn(x):
+        return tf.gather(inner(x), indices, axis=-1)
+
+    return dataclasses.replace(classifier, logits_fn=logits_fn, num_classes=len(subset),
+                               description=dict(classifier.description, label_subset=len(subset)))
+
+
+def subset_label_map(subset: Sequence[int]):
+    """labels -> position in the sorted subset (-1, i.e. ignored, for a label outside it)."""
+    subset = tf.constant(sorted(int(i) for i in subset), tf.int32)
+
+    def remap(labels):
+        labels = tf.cast(labels, tf.int32)
+        position = tf.searchsorted(subset, labels)
+        clipped = tf.minimum(position, tf.size(subset) - 1)
+        inside = tf.logical_and(labels >= 0, tf.equal(tf.gather(subset, clipped), labels))
+        return tf.where(inside, clipped, -1)
+
+    return remap
+
+
+# ------------------------------------------------------------- the measure
+def evaluate(classifier: Classifier, dataset: tf.data.Dataset, *, attack: AttackSpec | None = None,
+             corruptions: Sequence[str] = (), severities: Sequence[int] = (1, 2, 3, 4, 5),
+             seed: int = 0, num_examples: int | None = None, max_batches: int | None = None,
+             label_map: Callable | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """One pass over `dataset` (batches of pixels, labels); returns the results dict.
+
+    Randomness (attack targets and start, corruption noise) is seeded by
+    (seed, batch index): the same seed and batch size give the same numbers.
+    """
+    k = min(5, classifier.num_classes)
+    logits_fn = classifier.logits_fn
+    severities = tuple(severities)
+
+    @tf.function(reduce_retracing=True)
+    def clean_counts(images, labels):
+        return topk_counts(logits_fn(images), labels, k)
+
+    @tf.function(reduce_retracing=True)
+    def attack_counts(images, labels, batch_seed):
+        valid = tf.cast(labels >= 0, tf.float32)
+        safe_labels = tf.maximum(labels, 0)
+        adversarial = pgd(logits_fn, images, safe_labels, attack.epsilon, attack.num_steps, attack.step_size,
+                          targeted=attack.targeted, random_start=attack.random_start,
+                          num_classes=classifier.num_classes, seed=batch_seed)
+        predictions = tf.argmax(logits_fn(adversarial), -1, output_type=tf.int32)
+        correct = tf.reduce_sum(tf.cast(tf.equal(predictions, safe_labels), tf.float32) * valid)
+        if attack.targeted:
+            targets = random_wrong_labels(safe_labels, classifier.num_classes, batch_seed)
+            hit = tf.reduce_sum(tf.cast(tf.equal(predictions, targets), tf.float32) * valid)
+        else:
+            hit = tf.reduce_sum(tf.cast(tf.not_equal(predictions, safe_labels), tf.float32) * valid)
+        return tf.stack([correct, hit])
+
+    @tf.function(reduce_retracing=True)
+    def corruption_counts(images, labels, batch_seed):
+        """[corruptions, severities] correct counts; one graph for all (one trace)."""
+        valid = tf.cast(labels >= 0, tf.float32)[None]
+        rows = []
+        for name in corruptions:
+            corrupted = tf.concat([corrupt(images, name, s, batch_seed) for s in severities], axis=0)
+            predictions = tf.reshape(tf.argmax(logits_fn(corrupted), -1, output_type=tf.int32),
+                                     [len(severities), -1])
+            correct = tf.cast(tf.equal(predictions, tf.maximum(labels, 0)[None]), tf.float32) * valid
+            rows.append(tf.reduce_sum(correct, axis=1))
+        return tf.stack(rows)
+
+    clean = np.zeros(3)
+    attacked = np.zeros(2)
+    corrupted = np.zeros([len(corruptions), len(severities)])
+    started = last_report = time.time()
+    for index, (images, labels) in enumerate(dataset):
+        if max_batches is not None and index >= max_batches:
+            break
+        labels = tf.cast(labels, tf.int32)
+        if label_map is not None:
+            labels = label_map(labels)
+        batch_seed = tf.constant([seed, index], tf.int32)
+        clean += clean_counts(images, labels).numpy()
+        if attack is not None:
+            attacked += attack_counts(images, labels, batch_seed).numpy()
+        if corruptions:
+            corrupted += corruption_counts(images, labels, batch_seed).numpy()
+        if progress is not None and (time.time() - last_report > 10 or index == 0):
+            last_report = time.time()
+            progress(_progress_line(int(clean[2]), num_examples, time.time() - started))
+    n = max(clean[2], 1.0)
+    results = {
+        "classifier": classifier.description,
+        "examples": int(clean[2]),
+        "clean": {"top_1": clean[0] / n, "top_5": clean[1] / n},
+        "seconds": round(time.time() - started, 1),
+    }
+    if attack is not None:
+        results["pgd"] = dict(dataclasses.asdict(attack), accuracy=attacked[0] / n)
+        results["pgd"]["target_success_rate" if attack.targeted else "error_rate"] = attacked[1] / n
+    if corruptions:
+        per_name = {}
+        for name, counts in zip(corruptions, corrupted):
+            accuracy = {str(s): float(c / n) for s, c in zip(severities, counts)}
+            per_name[name] = {"accuracy": accuracy, "mean_accuracy": float(np.mean(list(accuracy.values())))}
+        results["corruptions"] = per_name
+        results["mean_corruption_accuracy"] = float(np.mean([v["mean_accuracy"] for v in per_name.values()]))
+    if progress is not None:
+        progress(_progress_line(int(clean[2]), num_examples, time.time() - started, finished=True))
+    return results
+
+
+def _progress_line(done: int, total: int | None, seconds: float, finished: bool = False):
+    rate = done / max(seconds, 1e-9)
+    line = f"evaluated {done}" + (f"/{total}" if total else "") + f" images | {rate:.1f} img/s"
+    if total and not finished and rate > 0:
+        eta = max(0.0, (total - done) / rate)
+        line += f" | ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+    return line
+
+
+# --------------------------------------------------------------------- mCE
+def corruption_errors(results: dict, reference: dict) -> dict:
+    """ImageNet-C's corruption error: CE_c = sum_s E(f, c, s) / sum_s E(ref, c, s); mCE = mean_c CE_c.
+
+    Both dicts are `evaluate()` results (or hold "corruptions" in that shape);
+    values are in percent, as the paper reports them. Raises EvaluationError
+    naming a corruption or severity the reference lacks.
+    """
+    ours = results.get("corruptions") or {}
+    theirs = reference.get("corruptions") or {}
+    per_corruption = {}
+    for name, entry in ours.items():
+        if name not in theirs:
+            raise EvaluationError(f"--reference_results: has no result for corruption {name!r}")
+        errors, reference_errors = 0.0, 0.0
+        for severity, accuracy in entry["accuracy"].items():
+            if severity not in theirs[name]["accuracy"]:
+                raise EvaluationError(
+                    f"--reference_results: has no result for {name!r} at severity {severity}")
+            errors += 1.0 - accuracy
+            reference_errors += 1.0 - theirs[name]["accuracy"][severity]
+        if reference_errors <= 0:
+            raise EvaluationError(f"--reference_results: the reference makes no error on {name!r}; CE undefined")
+        per_corruption[name] = 100.0 * errors / reference_errors
+    return {"corruption_error": per_corruption,
+            "mce": float(np.mean(list(per_corruption.values()))) if per_corruption else None}
+
+
+def results_table(results: dict) -> str:
+    """A plain-text summary of `evaluate()` results."""
+    lines = [f"examples           {results['examples']}",
+             f"clean top-1        {results['clean']['top_1']:.4f}",
+             f"clean top-5        {results['clean']['top_5']:.4f}"]
+    if "pgd" in results:
+        p = results["pgd"]
+        kind = "targeted" if p["targeted"] else "untargeted"
+        lines.append(f"PGD-{p['num_steps']} eps {p['epsilon']:g} ({kind}) accuracy {p['accuracy']:.4f}")
+        if p["targeted"]:
+            lines.append(f"  target success rate {p['target_success_rate']:.4f}")
+    if "corruptions" in results:
+        severities = list(next(iter(results["corruptions"].values()))["accuracy"])
+        lines.append("corruption         " + " ".join(f"   s{s}" for s in severities) + "   mean")
+        for name, entry in results["corruptions"].items():
+            values = " ".join(f"{entry['accuracy'][s]:.3f}" for s in severities)
+            ce = results.get("mce", {}).get("corruption_error", {}).get(name)
+            lines.append(f"{name:18s} {values}  {entry['mean_accuracy']:.3f}" + (f"  CE {ce:.1f}" if ce else ""))
+        lines.append(f"mean corruption accuracy {results['mean_corruption_accuracy']:.4f}")
+        if results.get("mce"):
+            lines.append(f"mCE {results['mce']['mce']:.1f}")
+    return "\n".join(lines)

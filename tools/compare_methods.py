@@ -1,0 +1,226 @@
+"""Train vanilla, mixed, adversarial and AdvProp from one config and compare them side by side.
+
+  python tools/compare_methods.py --config=configs/imagenette.flags \
+      --override=--dataset=folder:../shared/data/imagenette-train --override=--train_epochs=3 \
+      --output_dir=runs/compare --eval_epsilon=2 --corruptions=all --severities=1,3,5
+
+Each method trains (in this process, one after the other) into <output_dir>/<method>
+with the config plus the overrides; a method whose directory already holds a
+finished run (train_stats.json at the final step) is not trained again, so an
+interrupted comparison resumes, and --model_dirs=method=dir,... takes existing runs.
+Every run is then measured by advprop_tf.evaluate (EMA weights, main BN) on its
+validation split: clean top-1, PGD accuracy, mean corruption accuracy. Writes
+<output_dir>/comparison.md (table), comparison.json and comparison.png (chart,
+when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+METHODS = ("vanilla", "mixed", "adversarial", "advprop")
+
+flags.DEFINE_string("config", None, "Base training flagfile (configs/*.flags).")
+flags.DEFINE_multi_string("override", [], "A training flag overriding the config, e.g. --override=--train_steps=100.")
+flags.DEFINE_string("output_dir", None, "Where each method's run and the comparison go.")
+flags.DEFINE_list("methods", list(METHODS), "Methods to compare.")
+flags.DEFINE_list("model_dirs", [], "Existing runs to use instead of training: method=dir,...")
+flags.DEFINE_float("eval_epsilon", 2.0, "PGD epsilon (pixels) of the robustness evaluation.")
+flags.DEFINE_integer("eval_num_steps", None, "PGD iterations (default: epsilon+1, 1 for epsilon 1).")
+flags.DEFINE_float("eval_step_size", 1.0, "PGD step in pixels.")
+flags.DEFINE_bool("eval_targeted", False, "Targeted PGD in the evaluation (default: untargeted, the harder test).")
+flags.DEFINE_string("corruptions", "all", "Corruptions of the evaluation (all or names).")
+flags.DEFINE_list("severities", ["1", "2", "3", "4", "5"], "Corruption severities.")
+flags.DEFINE_integer("eval_batch_size", 64, "Evaluation batch.")
+flags.DEFINE_integer("eval_max_batches", 0, "Evaluate only this many batches (0: the whole split).")
+FLAGS = flags.FLAGS
+
+
+class CompareError(ValueError):
+    pass
+
+
+def training_flags(config, overrides, method, model_dir):
+    """The parsed, validated training flags of one method's run."""
+    from advprop_tf import config as train_config
+
+    fv = flags.FlagValues()
+    train_config.define_train_flags(fv)
+    argv = ["train"] + ([f"--flagfile={config}"] if config else []) + list(overrides)
+    argv += [f"--method={method}", f"--model_dir={model_dir}"]
+    try:
+        fv(argv)
+        train_config.validate_train_flags(fv)
+    except (flags.Error, train_config.FlagError) as e:
+        raise CompareError(f"training flags for {method}: {str(e).splitlines()[0]}") from None
+    return train_config.config_from_flags(fv)
+
+
+def finished(model_dir):
+    path = os.path.join(model_dir, "train_stats.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        stats = json.load(f)
+    return stats if stats.get("finished") else None
+
+
+def train(method, cfg):
+    """Train one method (or reuse its finished run); returns its train_stats."""
+    import keras
+
+    from advprop_tf.training.loop import Trainer
+
+    stats = finished(cfg.model_dir)
+    if stats is not None:
+        print(f"[{method}] already trained in {cfg.model_dir}: reusing it", flush=True)
+        return stats
+    print(f"[{method}] training into {cfg.model_dir}", flush=True)
+    trainer = Trainer(cfg)
+    trainer.run()
+    keras.mixed_precision.set_global_policy("float32")  # a config may have changed it
+    with open(os.path.join(cfg.model_dir, "train_stats.json")) as f:
+        return json.load(f)
+
+
+def measure(method, model_dir):
+    from advprop_tf import evaluate as evaluate_cli
+
+    fv = flags.FlagValues()
+    evaluate_cli.define_flags(fv)
+    args = [f"--model_dir={model_dir}", "--attack=pgd", f"--epsilon={FLAGS.eval_epsilon}",
+            f"--step_size={FLAGS.eval_step_size}", f"--targeted={FLAGS.eval_targeted}",
+            f"--corruptions={FLAGS.corruptions}", f"--severities={','.join(FLAGS.severities)}",
+            f"--batch_size={FLAGS.eval_batch_size}", f"--max_batches={FLAGS.eval_max_batches}"]
+    if FLAGS.eval_num_steps:
+        args.append(f"--num_steps={FLAGS.eval_num_steps}")
+    fv(["evaluate", *args])
+    results, _ = evaluate_cli.run(fv, log=lambda line: print(f"[{method}] {line}", flush=True))
+    return results
+
+
+def markdown_table(rows, pgd_label):
+    lines = ["| method | clean top-1 | " + pgd_label + " | mean corruption acc. | training time | images/s |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        minutes = row["train_seconds"] / 60
+        rate = f"{row['images_per_second']:.1f}" if row["images_per_second"] else "n/a"
+        corruption = row.get("mean_corruption_accuracy")
+        lines.append(
+            f"| {row['method']} | {row['clean_top_1']:.4f} | {row['pgd_accuracy']:.4f} | "
+            + (f"{corruption:.4f}" if corruption is not None else "n/a")
+            + f" | {minutes:.1f} min | {rate} |"
+        )
+    return "\n".join(lines)
+
+
+def write_chart(rows, path, pgd_label):
+    """Grouped bars: clean, PGD and mean corruption accuracy per method. Returns False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    import numpy as np
+
+    metrics = [("clean_top_1", "clean top-1"), ("pgd_accuracy", pgd_label),
+               ("mean_corruption_accuracy", "mean corruption acc.")]
+    x = np.arange(len(rows))
+    width = 0.8 / len(metrics)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for i, (key, label) in enumerate(metrics):
+        values = [row.get(key) or 0.0 for row in rows]
+        bars = ax.bar(x + (i - 1) * width, values, width, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(x, [row["method"] for row in rows])
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("Training methods compared")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def compare():
+    if not FLAGS.output_dir:
+        raise CompareError("--output_dir: is required")
+    if FLAGS.config and not os.path.isfile(FLAGS.config):
+        raise CompareError(f"--config: {FLAGS.config!r} does not exist")
+    for method in FLAGS.methods:
+        if method not in METHODS:
+            raise CompareError(f"--methods: unknown method {method!r}; valid: {', '.join(METHODS)}")
+    existing = {}
+    for item in FLAGS.model_dirs:
+        method, _, path = item.partition("=")
+        if method not in FLAGS.methods or not os.path.isdir(path):
+            raise CompareError(f"--model_dirs: {item!r} is not method=<existing directory> for a compared method")
+        existing[method] = path
+    started = time.time()
+    configs = {m: training_flags(FLAGS.config, FLAGS.override, m,
+                                 existing.get(m, os.path.join(FLAGS.output_dir, m)))
+               for m in FLAGS.methods}  # all validated before the first one trains
+    rows = []
+    for method in FLAGS.methods:
+        cfg = configs[method]
+        if method in existing and not os.path.exists(os.path.join(cfg.model_dir, "train_stats.json")):
+            stats = {"train_seconds": 0.0, "images_per_second": None}
+        else:
+            stats = train(method, cfg)
+        results = measure(method, cfg.model_dir)
+        rows.append({
+            "method": method, "model_dir": cfg.model_dir, "clean_top_1": results["clean"]["top_1"],
+            "clean_top_5": results["clean"]["top_5"], "pgd_accuracy": results["pgd"]["accuracy"],
+            "mean_corruption_accuracy": results.get("mean_corruption_accuracy"),
+            "train_seconds": stats["train_seconds"], "images_per_second": stats["images_per_second"],
+            "examples": results["examples"], "evaluation": results,
+        })
+    pgd = rows[0]["evaluation"]["pgd"]
+    pgd_label = f"PGD-{pgd['num_steps']} ε={pgd['epsilon']:g} acc." + (" (targeted)" if pgd["targeted"] else "")
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    wall = time.time() - started
+    table = markdown_table(rows, pgd_label)
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    chart = os.path.join(FLAGS.output_dir, "comparison.png")
+    have_chart = write_chart(rows, chart, pgd_label)
+    with open(os.path.join(FLAGS.output_dir, "comparison.md"), "w") as f:
+        f.write(f"Command: `{command}`\n\nWall time: {wall / 60:.1f} min; evaluated on "
+                f"{rows[0]['examples']} held-out images.\n\n{table}\n")
+        if have_chart:
+            f.write("\n![comparison](comparison.png)\n")
+    with open(os.path.join(FLAGS.output_dir, "comparison.json"), "w") as f:
+        json.dump({"command": command, "wall_seconds": wall, "rows": rows}, f, indent=2)
+    print(table)
+    if not have_chart:
+        print("(no chart: pip install matplotlib to get comparison.png)")
+    print(f"wrote {os.path.join(FLAGS.output_dir, 'comparison.md')} in {wall / 60:.1f} min")
+
+
+def main(argv):
+    if len(argv) > 1:
+        print(f"compare_methods: error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        sys.exit(2)
+    from advprop_tf.evaluate import UsageError
+    from advprop_tf.evaluation import EvaluationError
+
+    try:
+        compare()
+    except (CompareError, UsageError, EvaluationError) as e:
+        print(f"compare_methods: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
