@@ -105,6 +105,12 @@ def define_train_flags(flag_values=FLAGS):
     d.DEFINE_integer("eval_steps", 0, "Eval batches (0: the whole split).")
     d.DEFINE_bool("export", True, "Export a main-BN SavedModel to <model_dir>/export/<version> at the end.")
     d.DEFINE_bool("checkpoint_input_pipeline", True, "Save the input iterator's position (not on TPU).")
+    d.DEFINE_string("init_checkpoint", None,
+                    "Start from these weights when model_dir has no checkpoint: a converted or training "
+                    "directory (or checkpoint prefix), an authors' TF1 checkpoint, or a Keras .h5 file. "
+                    "Auxiliary BNs start as copies of the main BN.")
+    d.DEFINE_bool("init_skip_head", False, "Keep a fresh classifier (a different number of classes).")
+    d.DEFINE_bool("init_use_ema", True, "Take the init checkpoint's EMA values when it has them.")
     # -- strategy
     d.DEFINE_string("tpu", "", "TPU name, or 'local' on a TPU VM.")
     d.DEFINE_integer("num_gpus", -1, "GPUs for MirroredStrategy (-1: all visible).")
@@ -200,6 +206,15 @@ def validate_train_flags(f=FLAGS):
         if "*" not in path and "{split}" not in path and not os.path.exists(path):
             flag = "dataset" if location else "data_dir"
             raise FlagError(flag, f"{path!r} does not exist")
+    if f.init_checkpoint:
+        path = f.init_checkpoint
+        if not (os.path.exists(path) or os.path.exists(path + ".index") or path.endswith(".index")):
+            raise FlagError("init_checkpoint", f"{path!r} does not exist")
+        if path.endswith(".h5") and f.input_normalization != "imagenet":
+            raise FlagError("input_normalization", "Keras applications weights expect ImageNet mean/std; "
+                            "pass --input_normalization=imagenet")
+    elif f.init_skip_head:
+        raise FlagError("init_skip_head", "needs --init_checkpoint")
     if not 0 <= f.holdout_fraction < 1:
         raise FlagError("holdout_fraction", f"must be in [0, 1), got {f.holdout_fraction:g}")
 

@@ -148,6 +148,8 @@ def run(f=FLAGS, log=print):
         classifier = evaluation.classifier_from_saved_model(f.saved_model, f.domain)
     options = run_config.get("data_options", {})
     dataset_spec = f.dataset or run_config.get("dataset")
+    if not dataset_spec:
+        raise UsageError(f"--dataset: is required ({f.model_dir!r} does not record its training data)")
     data_dir = f.data_dir if f.data_dir is not None else (None if f.dataset else options.get("data_dir"))
     holdout = f.holdout_fraction if f.holdout_fraction is not None else options.get("holdout_fraction", 0.0)
     try:

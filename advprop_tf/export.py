@@ -26,7 +26,7 @@ from absl import app, flags  # noqa: E402
 
 from advprop_tf.data.preprocessing import is_decodable_image, preprocess_eval  # noqa: E402
 from advprop_tf.models.efficientnet import EfficientNet  # noqa: E402
-from advprop_tf.models.multi_bn import MultiBatchNormalization  # noqa: E402
+from advprop_tf.models.transfer import copy_weights  # noqa: E402
 
 RUN_CONFIG = "run_config.json"
 
@@ -57,13 +57,7 @@ def inference_network(trained: EfficientNet, domain: str) -> EfficientNet:
         raise ExportError(f"--domain: unknown domain {domain!r}; the model has {trained.domains}")
     config = dict(trained.get_config(), domains=["clean"])
     network = EfficientNet.from_config(config)
-    for source, target in zip(trained.weighted_layers(), network.weighted_layers()):
-        if isinstance(source, MultiBatchNormalization):
-            for key, variable in target.domain_variables("clean").items():
-                variable.assign(source.domain_variables(domain)[key])
-        else:
-            for s, t in zip(source.weights, target.weights):
-                t.assign(s)
+    copy_weights(trained, network, domain_of=lambda _: domain)
     return network
 
 

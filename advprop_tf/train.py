@@ -52,7 +52,7 @@ def main(argv):
     except NonFiniteLossError as e:
         print(f"advprop_tf.train: {e}", file=sys.stderr)
         sys.exit(1)
-    except ValueError as e:
+    except ValueError as e:  # includes InitError and ExportError, which name their flag
         if str(e).startswith("--"):
             fail(str(e))
         raise

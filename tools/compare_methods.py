@@ -46,7 +46,11 @@ FLAGS = flags.FLAGS
 
 
 class CompareError(ValueError):
-    pass
+    """A bad flag of the comparison; the message names it."""
+
+
+class Interrupted(RuntimeError):
+    """A training run stopped on SIGTERM after saving."""
 
 
 def training_flags(config, overrides, method, model_dir):
@@ -86,7 +90,10 @@ def train(method, cfg):
         return stats
     print(f"[{method}] training into {cfg.model_dir}", flush=True)
     trainer = Trainer(cfg)
-    trainer.run()
+    if trainer.run() is None and not finished(cfg.model_dir):
+        # SIGTERM: the run saved a checkpoint; a rerun of this command resumes it.
+        raise Interrupted(f"{method} was interrupted at step {trainer.train_step.current_step}; "
+                          "run the same command again to resume")
     keras.mixed_precision.set_global_policy("float32")  # a config may have changed it
     with open(os.path.join(cfg.model_dir, "train_stats.json")) as f:
         return json.load(f)
@@ -220,6 +227,9 @@ def main(argv):
     except (CompareError, UsageError, EvaluationError) as e:
         print(f"compare_methods: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(f"compare_methods: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -45,17 +45,21 @@ def keras_weighted_layers(keras_model) -> list:
 
 
 def copy_keras_application_weights(
-    keras_model, model: EfficientNet, domains: Sequence[str] | None = None
+    keras_model, model: EfficientNet, domains: Sequence[str] | None = None, skip_head: bool = False
 ) -> None:
     """Copy every weight of `keras_model` into `model`.
 
     BN weights go to each of `domains` (default: all of the model's domains, so
-    auxiliary BNs start as copies of the main one). Raises ValueError naming
-    the first layer whose kind or shape does not match.
+    auxiliary BNs start as copies of the main one). `skip_head` leaves the
+    classifier alone (and accepts a Keras model built without its top).
+    Raises ValueError naming the first layer whose kind or shape does not match.
     """
     domains = tuple(model.domains if domains is None else domains)
     source = keras_weighted_layers(keras_model)
     target = model.weighted_layers()
+    if skip_head:
+        source = [layer for layer in source if not isinstance(layer, keras.layers.Dense)]
+        target = [layer for layer in target if layer is not model.classifier]
     if len(source) != len(target):
         raise ValueError(
             f"{keras_model.name} has {len(source)} weighted layers, "

@@ -179,11 +179,14 @@ class MultiBatchNormalization(keras.layers.Layer):
             )
         shape = tf.shape(x)
         if batch is None:
-            tf.debugging.assert_equal(
+            check = tf.debugging.assert_equal(
                 shape[0] % n,
                 0,
                 message=f"batch cannot be split evenly into the {n} domains {names}",
             )
+            # The reshape below would fail too, with a cryptic message: run the check first.
+            with tf.control_dependencies([check]):
+                x = tf.identity(x)
         rank = len(x.shape)
         # [n, batch/n, ..., C]: chunk i belongs to domain i.
         xs = tf.reshape(x, tf.concat([[n, -1], shape[1:]], axis=0))

@@ -21,6 +21,11 @@ class ExponentialMovingAverage(tf.Module):
             for v in self._model_variables
         ]
 
+    def reset(self):
+        """Shadows := the current weights (after initializing the model from a checkpoint)."""
+        for shadow, variable in zip(self.shadows, self._model_variables):
+            shadow.assign(tf.cast(tf.convert_to_tensor(variable), shadow.dtype))
+
     def effective_decay(self, step):
         step = tf.cast(step, tf.float32)
         return tf.minimum(self.decay, (1.0 + step) / (10.0 + step))

@@ -243,7 +243,19 @@ class Trainer:
             if not self.iterator_saved and step:
                 self._skip_batches = step
                 self.train_iterator = self._make_iterator()
+        elif self.cfg.init_checkpoint:
+            self.initialize(self.cfg.init_checkpoint)
         return self.train_step.current_step
+
+    def initialize(self, path):
+        """Weights from a pretrained source (--init_checkpoint) at step 0; the EMA starts from them."""
+        from advprop_tf.training.initialization import initialize_from
+
+        description = initialize_from(self.model, path, skip_head=self.cfg.init_skip_head,
+                                      use_ema=self.cfg.init_use_ema)
+        if self.ema is not None:
+            self.ema.reset()
+        logging.info("initialized from %s", description)
 
     def save(self):
         step = self.train_step.current_step

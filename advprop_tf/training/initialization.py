@@ -1,0 +1,142 @@
+"""--init_checkpoint: start training from pretrained weights instead of a random init.
+
+Accepted sources, found by what the path holds:
+  - a training or converted directory (run_config.json + checkpoints/), or a
+    checkpoint prefix inside one: its EMA values when it has them;
+  - an authors' TF1 checkpoint (tensorflow/tpu names, EMA shadows preferred);
+  - a Keras applications EfficientNet weight file (.weights.h5 / .h5).
+Each auxiliary BN of the model starts as a copy of the main BN (or of the
+source's BN of the same domain, when it has one), so a plain pretrained
+network can be fine-tuned with AdvProp. `skip_head` keeps the fresh
+classifier, for a different number of classes.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import tensorflow as tf
+
+from advprop_tf.models.efficientnet import EfficientNet
+
+
+class InitError(ValueError):
+    """The init checkpoint cannot initialize this model; the message starts with the flag."""
+
+
+def resolve_checkpoint(path: str):
+    """(checkpoint prefix, run directory or None) of a directory or prefix; InitError if none."""
+    if path.endswith(".index"):
+        path = path[: -len(".index")]
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "run_config.json")):
+            prefix = tf.train.latest_checkpoint(os.path.join(path, "checkpoints"))
+            if prefix:
+                return prefix, path
+        prefix = tf.train.latest_checkpoint(path)
+        if not prefix:
+            indexes = sorted(glob.glob(os.path.join(path, "*.index")))
+            prefix = indexes[-1][: -len(".index")] if len(indexes) == 1 else None
+        if not prefix:
+            raise InitError(f"--init_checkpoint: no checkpoint in {path!r}")
+        return prefix, _run_dir_of(prefix)
+    if tf.io.gfile.exists(path + ".index"):
+        return path, _run_dir_of(path)
+    raise InitError(f"--init_checkpoint: {path!r} is neither a directory, a checkpoint nor a .h5 file")
+
+
+def _run_dir_of(prefix):
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(prefix)))
+    return run_dir if os.path.exists(os.path.join(run_dir, "run_config.json")) else None
+
+
+def initialize_from(model: EfficientNet, path: str, skip_head: bool = False, use_ema: bool = True) -> str:
+    """Fill `model` from `path`; returns a one-line description of what was loaded."""
+    from advprop_tf.models.transfer import copy_weights
+
+    if path.endswith(".h5"):
+        keras_application_model(path, model, skip_head)
+        return f"Keras applications weights {path}" + (" (head skipped)" if skip_head else "")
+    prefix, run_dir = resolve_checkpoint(path)
+    names = {name for name, _ in tf.train.list_variables(prefix)}
+    if run_dir is None:
+        return _from_authors_checkpoint(model, prefix, names, skip_head, use_ema)
+    from advprop_tf.export import ExportError, load_trained
+
+    try:
+        source, _, step = load_trained(run_dir, use_ema=use_ema and any(n.startswith("ema/") for n in names))
+    except ExportError as e:
+        raise InitError(f"--init_checkpoint: {str(e).split(': ', 1)[-1]}") from None
+    try:
+        copy_weights(source, model, skip_head=skip_head)
+    except ValueError as e:
+        raise InitError(f"--init_checkpoint: {e}") from None
+    return f"{prefix} (step {step}{', EMA' if use_ema else ''}{', head skipped' if skip_head else ''})"
+
+
+def _from_authors_checkpoint(model, prefix, names, skip_head, use_ema):
+    from advprop_tf.models.authors_checkpoint import CheckpointMismatch, checkpoint_scopes, load_authors_checkpoint
+
+    scopes = checkpoint_scopes(names)
+    if not scopes:
+        raise InitError(f"--init_checkpoint: {prefix!r} has no run_config.json beside it and no "
+                        "authors' EfficientNet variables")
+    # Read into a copy with the checkpoint's head, then copy (maybe without the head).
+    head = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()[f"{scopes[0]}/head/dense/bias"]
+    config = dict(model.get_config(), domains=["clean"], num_classes=int(head[0]))
+    source = EfficientNet.from_config(config)
+    try:
+        report = load_authors_checkpoint(source, prefix, scope=scopes[0], use_ema=use_ema)
+    except CheckpointMismatch as e:
+        raise InitError(f"--init_checkpoint: {e}") from None
+    from advprop_tf.models.transfer import copy_weights
+
+    try:
+        copy_weights(source, model, skip_head=skip_head)
+    except ValueError as e:
+        raise InitError(f"--init_checkpoint: {e}") from None
+    return (f"authors' checkpoint {prefix} ({scopes[0]}, {report.from_ema} EMA values"
+            f"{', head skipped' if skip_head else ''})")
+
+
+def keras_application_model(path: str, model: EfficientNet, skip_head: bool) -> None:
+    """Load a keras.applications EfficientNet weight file into `model` (all BN domains).
+
+    The file's own input-normalization layer is NOT used: Keras' ImageNet
+    weights expect ImageNet mean/std, and Keras only applies its variance fix
+    when it downloads them itself. So `model` must normalize with "imagenet".
+    """
+    import keras
+
+    from advprop_tf.models.keras_weights import KERAS_APPLICATIONS, copy_keras_application_weights
+
+    if model.model_name not in KERAS_APPLICATIONS:
+        raise InitError(f"--init_checkpoint: keras.applications has no {model.model_name}")
+    if model.input_normalization != "imagenet":
+        raise InitError("--input_normalization: Keras applications weights expect ImageNet mean/std; "
+                        "pass --input_normalization=imagenet")
+    if not os.path.exists(path):
+        raise InitError(f"--init_checkpoint: {path!r} does not exist")
+    constructor = getattr(keras.applications, KERAS_APPLICATIONS[model.model_name])
+    size = model.resolution
+    errors = []
+    for include_top, classes in ((True, model.num_classes), (True, 1000), (False, 1000)):
+        keras_model = constructor(weights=None, include_top=include_top, classes=classes,
+                                  input_shape=(size, size, 3))
+        try:
+            keras_model.load_weights(path)
+        except Exception as e:  # wrong head size or no head: try the next layout
+            errors.append(str(e).splitlines()[0])
+            continue
+        head_matches = include_top and classes == model.num_classes
+        if not head_matches and not skip_head:
+            raise InitError(f"--init_checkpoint: {path!r} has a {classes if include_top else 'missing'}-class "
+                            f"head, the model {model.num_classes} classes; pass --init_skip_head")
+        try:
+            copy_keras_application_weights(keras_model, model, skip_head=skip_head or not head_matches)
+        except ValueError as e:
+            raise InitError(f"--init_checkpoint: {e}") from None
+        return
+    raise InitError(f"--init_checkpoint: {path!r} is not a {KERAS_APPLICATIONS[model.model_name]} weight file "
+                    f"({errors[-1]})")
