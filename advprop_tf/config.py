@@ -53,7 +53,7 @@ def define_train_flags(flag_values=FLAGS):
                       "How the model maps [0, 255] pixels: AdvProp checkpoints use inception ([-1, 1]).")
     d.DEFINE_list("aux_domains", ["adv"],
                       "Auxiliary BN domains of AdvProp after 'clean': names starting with 'adv' get PGD "
-                      "images, others an input view (randaugment), e.g. randaugment,adv.")
+                      "images, others an input view (randaugment, autoaugment), e.g. autoaugment,adv.")
     d.DEFINE_bool("sync_bn", False, "Synchronize BN statistics across replicas.")
     # -- data
     d.DEFINE_string("dataset", "synthetic", f"Data source: {', '.join(k + ':...' for k in SOURCE_KINDS[1:])} or synthetic.")
@@ -61,7 +61,10 @@ def define_train_flags(flag_values=FLAGS):
     d.DEFINE_float("holdout_fraction", 0.0, "folder: fraction of images held out for validation.")
     d.DEFINE_integer("synthetic_examples", 10_000, "synthetic: training examples.")
     d.DEFINE_integer("num_train_examples", None, "Examples per epoch when the source cannot tell (TFRecords: 1281167).")
-    d.DEFINE_enum("augment", "none", ["none", "randaugment"], "Augmentation of the clean images.")
+    d.DEFINE_enum("augment", "none", ["none", "randaugment", "autoaugment"],
+                  "Augmentation of the clean images: RandAugment (keras-cv) or AutoAugment ImageNet policy v0.")
+    d.DEFINE_float("crop_min_area", 0.08, "Smallest random crop, as a fraction of the image (authors: 0.08; "
+                   "larger values suit short runs on small data).")
     d.DEFINE_integer("randaugment_layers", 2, "RandAugment layers.")
     d.DEFINE_float("randaugment_magnitude", 10.0, "RandAugment magnitude (authors' scale, 10 = max).")
     d.DEFINE_integer("shuffle_buffer", 10_000, "Shuffle buffer (examples).")
@@ -189,8 +192,9 @@ def validate_train_flags(f=FLAGS):
         if not any(d.startswith("adv") for d in f.aux_domains):
             raise FlagError("aux_domains", f"AdvProp needs an adversarial domain (a name starting with 'adv'), got {f.aux_domains}")
         for d in f.aux_domains:
-            if not d.startswith("adv") and d != "randaugment":
-                raise FlagError("aux_domains", f"{d!r} is neither adversarial (adv...) nor an input view (randaugment)")
+            if not d.startswith("adv") and d not in ("randaugment", "autoaugment"):
+                raise FlagError("aux_domains", f"{d!r} is neither adversarial (adv...) nor an input view "
+                                "(randaugment, autoaugment)")
     if f.mixed_precision == "float16" and f.tpu:
         raise FlagError("mixed_precision", "float16 is for GPUs; use bfloat16 on TPU")
     if f.tpu and f.num_gpus > 0:
@@ -215,6 +219,8 @@ def validate_train_flags(f=FLAGS):
                             "pass --input_normalization=imagenet")
     elif f.init_skip_head:
         raise FlagError("init_skip_head", "needs --init_checkpoint")
+    if not 0 < f.crop_min_area <= 1:
+        raise FlagError("crop_min_area", f"must be in (0, 1], got {f.crop_min_area:g}")
     if not 0 <= f.holdout_fraction < 1:
         raise FlagError("holdout_fraction", f"must be in [0, 1), got {f.holdout_fraction:g}")
 

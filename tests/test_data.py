@@ -232,8 +232,8 @@ def test_train_pipeline_is_deterministic_by_seed_and_yields_views():
     assert set(views) == {"clean", "randaugment"}
     assert views["randaugment"].shape == views["clean"].shape == (4, 32, 32, 3)
     assert float(tf.reduce_min(views["randaugment"])) >= 0 and float(tf.reduce_max(views["randaugment"])) <= 255
-    with pytest.raises(SourceError, match="unknown input view 'autoaugment'"):
-        train_dataset(source, 32, 4, views=("autoaugment",))
+    with pytest.raises(SourceError, match="unknown input view 'cutmix'"):
+        train_dataset(source, 32, 4, views=("cutmix",))
 
 
 def test_eval_padding_marks_padded_examples():
@@ -242,3 +242,91 @@ def test_eval_padding_marks_padded_examples():
     labels = np.concatenate([l.numpy() for _, l in batches])
     assert all(x.shape[0] == 64 for x, _ in batches)
     assert (labels >= 0).sum() == source.num_examples("validation") and (labels == -1).sum() == 64 * len(batches) - (labels >= 0).sum()
+
+
+# ------------------------------------------------------------- AutoAugment
+def test_autoaugment_policy_v0_is_the_authors():
+    from advprop_tf.data.autoaugment import POLICY_V0
+
+    assert len(POLICY_V0) == 25 and all(len(sub) == 2 for sub in POLICY_V0)
+    assert POLICY_V0[0] == (("Equalize", 0.8, 1), ("ShearY", 0.8, 4))
+    assert POLICY_V0[15] == (("Rotate", 1.0, 7), ("TranslateY", 0.8, 9))
+    assert POLICY_V0[24] == (("Color", 0.8, 6), ("Rotate", 0.4, 5))
+
+
+def test_autoaugment_operations_on_known_images():
+    from PIL import Image, ImageOps
+
+    from advprop_tf.data import autoaugment as aa
+
+    rng = np.random.default_rng(0)
+    skewed = (rng.uniform(0, 1, (32, 32, 3)) ** 2 * 255).astype(np.uint8)
+    image = tf.constant(skewed.astype(np.float32))
+    np.testing.assert_array_equal(aa.equalize(image).numpy(), np.asarray(ImageOps.equalize(Image.fromarray(skewed))))
+    np.testing.assert_allclose(aa.autocontrast(image).numpy(),
+                               np.asarray(ImageOps.autocontrast(Image.fromarray(skewed))), atol=1.0)
+    np.testing.assert_array_equal(aa.solarize(image, 128.0).numpy(),
+                                  np.where(skewed < 128, skewed, 255 - skewed))
+    np.testing.assert_array_equal(aa.posterize(image, 2).numpy(), skewed & 0b11000000)
+    np.testing.assert_array_equal(aa.posterize(image, 0).numpy(), 0)  # the authors' level-2 posterize: black
+    square = tf.constant(np.arange(48, dtype=np.float32).reshape(4, 4, 3))
+    np.testing.assert_array_equal(aa.rotate(square, tf.constant(90.0)).numpy(), tf.image.rot90(square).numpy())
+    shifted = aa.translate_y(square, tf.constant(1.0)).numpy()
+    np.testing.assert_array_equal(shifted[1:], square.numpy()[:-1])
+    np.testing.assert_array_equal(shifted[0], 128.0)  # the authors' grey fill
+    np.testing.assert_array_equal(aa.color(image, 1.0).numpy(), skewed)  # level 5 = factor 1.0: unchanged
+    gray = aa.color(image, 0.0).numpy()
+    np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
+
+
+def test_autoaugment_in_the_pipeline_is_seeded_and_stays_stateless():
+    from advprop_tf.data.autoaugment import autoaugment
+
+    image = tf.constant(gradient_image(48, 48).astype(np.float32))
+    outputs = [autoaugment(image, tf.constant([3, i])).numpy() for i in range(12)]
+    np.testing.assert_array_equal(outputs[0], autoaugment(image, tf.constant([3, 0])).numpy())
+    assert sum(not np.array_equal(o, image.numpy()) for o in outputs) >= 6  # most draws change the image
+    for out in outputs:
+        assert out.shape == (48, 48, 3) and out.min() >= 0 and out.max() <= 255
+        np.testing.assert_array_equal(out, np.round(out))
+    source = parse_source("synthetic", num_classes=4, synthetic_size=40, synthetic_examples=64)
+    first = train_dataset(source, 32, 8, augment="autoaugment", views=("autoaugment",), seed=5)
+    second = train_dataset(source, 32, 8, augment="autoaugment", views=("autoaugment",), seed=5)
+    (a, labels), (b, _) = next(iter(first)), next(iter(second))
+    np.testing.assert_array_equal(a["clean"].numpy(), b["clean"].numpy())
+    assert not np.array_equal(a["clean"].numpy(), a["autoaugment"].numpy())  # the view is drawn apart
+    iterator = iter(first)  # stateless: the iterator can be checkpointed
+    tf.train.Checkpoint(iterator=iterator).write(os.path.join(os.environ.get("TMPDIR", "/tmp"), "aa_iter_ckpt"))
+
+
+# ------------------------------------------------------------- TFRecord writer
+def test_images_to_tfrecords_writes_the_authors_format(image_folder, tmp_path):
+    from advprop_tf.data.tfrecord_writer import write_tfrecords
+
+    (image_folder / "bee" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    report = write_tfrecords(str(image_folder), str(tmp_path / "records"), train_shards=3,
+                             validation_shards=2, holdout_fraction=0.3)
+    assert report.skipped == [str(image_folder / "bee" / "broken.jpg")]
+    assert sorted(os.listdir(tmp_path / "records")) == [
+        "train-00000-of-00003", "train-00001-of-00003", "train-00002-of-00003",
+        "validation-00000-of-00002", "validation-00001-of-00002"]
+    folder = parse_source(f"folder:{image_folder}", holdout_fraction=0.3)
+    assert report.written["validation"] == folder.num_examples("validation")
+    assert report.written["train"] == folder.num_examples("train") - 1  # the broken file
+    records = tf.data.TFRecordDataset(report.files["train"] + report.files["validation"])
+    keys = {"image/encoded": tf.io.FixedLenFeature([], tf.string),
+            "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+            "image/class/synset": tf.io.FixedLenFeature([], tf.string),
+            "image/format": tf.io.FixedLenFeature([], tf.string)}
+    synsets = {1: b"ant", 2: b"bee", 3: b"cat"}  # 1-based, sorted folder names
+    count = 0
+    for record in records:
+        example = tf.io.parse_single_example(record, keys)
+        assert synsets[int(example["image/class/label"])] == example["image/class/synset"].numpy()
+        assert example["image/format"].numpy() == b"JPEG"
+        assert example["image/encoded"].numpy()[:2] == b"\xff\xd8"  # PNGs were re-encoded as JPEG
+        count += 1
+    assert count == 18  # 3 classes x 6 images; the broken file is not among them
+    source = parse_source(f"tfrecord:{tmp_path / 'records'}", num_classes=3)
+    labels = sorted(int(label) for _, label in source.dataset("validation"))
+    assert labels == sorted(entry for _, entry in folder.dataset("validation"))  # same held-out images, 0-based

@@ -10,10 +10,12 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from advprop_tf.data.autoaugment import autoaugment
 from advprop_tf.data.preprocessing import is_decodable_image, preprocess_eval, preprocess_train
 from advprop_tf.data.sources import Source, SourceError
 
-VIEWS = ("randaugment",)  # extra views an N-domain AdvProp model can ask for
+VIEWS = ("randaugment", "autoaugment")  # extra views an N-domain AdvProp model can ask for
+AUGMENTATIONS = ("none", "randaugment", "autoaugment")
 
 
 class DecodeStats:
@@ -62,14 +64,15 @@ def make_randaugment(num_layers: int, magnitude: float):
 def train_dataset(source: Source, size: int, batch_size: int, *, augment: str = "none",
                   randaugment_layers: int = 2, randaugment_magnitude: float = 10.0,
                   views: tuple = (), seed: int | None = None, shuffle_buffer: int = 10_000,
-                  stats: DecodeStats | None = None, skip_batches: int = 0,
+                  stats: DecodeStats | None = None, skip_batches: int = 0, crop_min_area: float = 0.08,
                   input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
     """Endless batches of (pixels, labels); pixels is a dict {"clean", *views} when views are asked for.
 
     `batch_size` is per input pipeline (per replica under a strategy). The
     order, crops and flips are a function of `seed` (random when None) and
     use only stateless random ops, so the iterator can be checkpointed
-    (keras-cv RandAugment is stateful: with it the iterator cannot).
+    (keras-cv RandAugment is stateful: with it the iterator cannot; our
+    AutoAugment is seeded per element and keeps it stateless).
     `skip_batches` resumes where a run stopped when the iterator could not be
     saved: the consumed elements are skipped before decoding, and their
     indices (hence crops and flips) are those of an uninterrupted run.
@@ -79,8 +82,8 @@ def train_dataset(source: Source, size: int, batch_size: int, *, augment: str = 
     for view in views:
         if view not in VIEWS:
             raise SourceError(f"unknown input view {view!r}; valid views: {VIEWS}")
-    if augment not in ("none", "randaugment"):
-        raise SourceError(f"unknown augmentation {augment!r}; valid: none, randaugment")
+    if augment not in AUGMENTATIONS:
+        raise SourceError(f"unknown augmentation {augment!r}; valid: {', '.join(AUGMENTATIONS)}")
     ds = source.dataset("train", input_context, shuffle_seed=seed)
     if source.encoded:
         stats = stats or DecodeStats()
@@ -94,16 +97,24 @@ def train_dataset(source: Source, size: int, batch_size: int, *, augment: str = 
     needs_randaugment = augment == "randaugment" or "randaugment" in views
     randaugment = make_randaugment(randaugment_layers, randaugment_magnitude) if needs_randaugment else None
 
+    def augmented(image, kind, element_seed, stream):
+        if kind == "randaugment":
+            return randaugment(image)
+        if kind == "autoaugment":  # a stream of its own per use, independent of the crop's
+            salt = tf.constant(0x5EED + 7919 * stream, tf.int32)
+            return autoaugment(image, tf.stack([element_seed[0], tf.bitwise.bitwise_xor(element_seed[1], salt)]))
+        return image
+
     def prepare(index, example):
         data, label = example
         element_seed = tf.cast(tf.stack([tf.cast(seed, tf.int64), index]) % (2**31 - 1), tf.int32)
-        image = preprocess_train(data, size, element_seed)
-        clean = randaugment(image) if augment == "randaugment" else image
+        image = preprocess_train(data, size, element_seed, min_area=crop_min_area)
+        clean = augmented(image, augment, element_seed, 0)
         if not views:
             return clean, label
         out = {"clean": clean}
-        for view in views:
-            out[view] = randaugment(image)
+        for stream, view in enumerate(views, start=1):
+            out[view] = augmented(image, view, element_seed, stream)
         return out, label
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

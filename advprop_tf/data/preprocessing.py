@@ -84,10 +84,13 @@ def distorted_crop_window(shape, seed=None, min_area=0.08, max_area=1.0,
     return window, tf.logical_not(whole)
 
 
-def preprocess_train(data, size: int, seed=None, flip=True):
-    """Random crop (center-crop fallback), bicubic resize, random flip -> float32 [size, size, 3]."""
+def preprocess_train(data, size: int, seed=None, flip=True, min_area=0.08):
+    """Random crop (center-crop fallback), bicubic resize, random flip -> float32 [size, size, 3].
+
+    `min_area`: the smallest crop, as a fraction of the image (authors: 0.08).
+    """
     shape = _image_shape(data)
-    window, ok = distorted_crop_window(shape, seed)
+    window, ok = distorted_crop_window(shape, seed, min_area=min_area)
     window = tf.where(ok, window, center_crop_window(shape, size))
     image = resize(_crop(data, window), size)
     if flip:

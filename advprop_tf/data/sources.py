@@ -108,7 +108,13 @@ def _shuffled(ds, size, seed):
 
 
 # --------------------------------------------------------------------- folder
-def _folder(root, holdout_fraction):
+def folder_files(root, holdout_fraction):
+    """({split: [(path, class index, class name)]}, class names) of an image folder.
+
+    Class ids follow the sorted folder names; a file is held out for
+    validation by the CRC of "<class>/<file name>", so the split is the same
+    on every machine (and in tools/images_to_tfrecords.py).
+    """
     if not os.path.isdir(root):
         raise SourceError(f"image folder {root!r} does not exist or is not a directory")
     if not 0.0 <= holdout_fraction < 1.0:
@@ -121,16 +127,20 @@ def _folder(root, holdout_fraction):
         for path in sorted(glob.glob(os.path.join(root, name, "*"))):
             if not path.endswith(IMAGE_EXTENSIONS):
                 continue
-            # Deterministic, machine-independent split by file name.
             key = zlib.crc32(f"{name}/{os.path.basename(path)}".encode()) % 10_000
             split = "validation" if key < holdout_fraction * 10_000 else "train"
-            files[split].append((path, label))
+            files[split].append((path, label, name))
     if not files["train"] and not files["validation"]:
         raise SourceError(f"image folder {root!r} has no .jpg/.jpeg/.png files in its class folders")
+    return files, tuple(classes)
+
+
+def _folder(root, holdout_fraction):
+    files, classes = folder_files(root, holdout_fraction)
 
     def make(split):
-        paths = [p for p, _ in files[split]]
-        labels = [l for _, l in files[split]]
+        paths = [entry[0] for entry in files[split]]
+        labels = [entry[1] for entry in files[split]]
 
         def build(ctx, shuffle_seed):
             ds = tf.data.Dataset.from_tensor_slices((paths, tf.constant(labels, tf.int32)))

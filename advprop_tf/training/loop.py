@@ -222,7 +222,7 @@ class Trainer:
             augment=self.cfg.augment, randaugment_layers=self.cfg.randaugment_layers,
             randaugment_magnitude=self.cfg.randaugment_magnitude, views=self.views,
             seed=self.seed, shuffle_buffer=self.cfg.shuffle_buffer, stats=self.decode_stats,
-            skip_batches=self._skip_batches, input_context=ctx,
+            skip_batches=self._skip_batches, crop_min_area=self.cfg.crop_min_area, input_context=ctx,
         )
 
     def _eval_input(self):
