@@ -24,7 +24,9 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from advprop_tf import cli  # noqa: E402
 
 from advprop_tf.attacks.pgd import steps_for_epsilon  # noqa: E402
 from advprop_tf.data.corruptions import parse_corruptions, parse_severities  # noqa: E402
@@ -200,8 +202,7 @@ def _default_output(f, classifier):
 
 
 def fail(message):
-    print(f"advprop_tf.evaluate: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail("advprop_tf.evaluate", message)
 
 
 def main(argv):
@@ -217,13 +218,6 @@ def main(argv):
     print(f"results: {output}")
 
 
-def parse(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        fail(str(e).splitlines()[0])
-
-
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=parse)
+    cli.run(main, "advprop_tf.evaluate")

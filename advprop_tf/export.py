@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from advprop_tf import cli  # noqa: E402
 
 from advprop_tf.data.preprocessing import is_decodable_image, preprocess_eval  # noqa: E402
 from advprop_tf.models.efficientnet import EfficientNet  # noqa: E402
@@ -187,8 +188,7 @@ def define_flags():
 
 
 def fail(message):
-    print(f"advprop_tf.export: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail("advprop_tf.export", message)
 
 
 def main(argv):
@@ -206,11 +206,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-
-    def parse(argv):
-        try:
-            return FLAGS(argv)
-        except flags.Error as e:
-            fail(str(e).splitlines()[0])
-
-    app.run(main, flags_parser=parse)
+    cli.run(main, "advprop_tf.export")

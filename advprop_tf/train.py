@@ -12,25 +12,16 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
-from advprop_tf import config  # noqa: E402
+from advprop_tf import cli, config  # noqa: E402
 
 config.define_train_flags()
 FLAGS = flags.FLAGS
 
 
 def fail(message: str):
-    """One clear line on stderr, exit status 2 (usage error)."""
-    print(f"advprop_tf.train: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        fail(str(e).splitlines()[0])
+    cli.fail("advprop_tf.train", message)
 
 
 def main(argv):
@@ -62,7 +53,7 @@ def main(argv):
 
 
 def run():
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, "advprop_tf.train")
 
 
 if __name__ == "__main__":

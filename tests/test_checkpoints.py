@@ -127,7 +127,7 @@ def test_converted_directory_exports(authors_checkpoint, tmp_path):
 @pytest.mark.parametrize("change, message", [
     ("drop", f"--source: variable {SCOPE}/blocks_1/se/conv2d_1/bias is missing from the checkpoint"),
     ("reshape", f"--source: variable {SCOPE}/head/conv2d/kernel has shape"),
-    ("model", f"--model: "),
+    ("model", "--model: "),
 ])
 def test_bad_checkpoints_name_the_variable(authors_checkpoint, tmp_path, change, message):
     _, names, prefix, _ = authors_checkpoint

@@ -153,6 +153,9 @@ def test_eval_results_and_summaries_are_written(tmp_path):
         for value in record.summary.value:
             tags.add(value.tag)
     assert {"loss", "learning_rate", "images_per_second", "clean/accuracy", "adv/accuracy", "adv/loss"} <= tags
+    stats = json.load(open(tmp_path / "train_stats.json"))
+    assert stats["finished"] and stats["steps"] == stats["total_steps"] == 6
+    assert stats["train_seconds"] > stats["steady_seconds"] > 0 and stats["images_per_second"] > 0
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -215,7 +218,7 @@ def test_sigkill_mid_run_then_restart_finishes_at_train_steps(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.load(open(tmp_path / "eval_results.json"))["step"] == 40
     assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).endswith("-40")
-    assert f"resumed from" in done.stdout + done.stderr
+    assert "resumed from" in done.stdout + done.stderr
 
 
 def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):

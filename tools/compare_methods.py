@@ -25,7 +25,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 METHODS = ("vanilla", "mixed", "adversarial", "advprop")
 
@@ -216,21 +216,23 @@ def compare():
 
 
 def main(argv):
-    if len(argv) > 1:
-        print(f"compare_methods: error: unexpected arguments {argv[1:]}", file=sys.stderr)
-        sys.exit(2)
+    from advprop_tf import cli
     from advprop_tf.evaluate import UsageError
+
+    if len(argv) > 1:
+        cli.fail("compare_methods", f"unexpected arguments {argv[1:]}")
     from advprop_tf.evaluation import EvaluationError
 
     try:
         compare()
     except (CompareError, UsageError, EvaluationError) as e:
-        print(f"compare_methods: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail("compare_methods", str(e))
     except Interrupted as e:
         print(f"compare_methods: {e}", file=sys.stderr)
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from advprop_tf import cli
+
+    cli.run(main, "compare_methods")

@@ -23,7 +23,9 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from advprop_tf import cli  # noqa: E402
 
 flags.DEFINE_string("source", None, "Authors' checkpoint directory or prefix, or a Keras .h5 weight file.")
 flags.DEFINE_string("model", None, "efficientnet-b0 ... efficientnet-b8, efficientnet-l2.")
@@ -53,16 +55,8 @@ def main(argv):
 
 
 def fail(message):
-    print(f"convert_checkpoint: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        fail(str(e).splitlines()[0])
+    cli.fail("convert_checkpoint", message)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse)
+    cli.run(main, "convert_checkpoint")

@@ -17,7 +17,9 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from advprop_tf import cli  # noqa: E402
 
 flags.DEFINE_string("input", None, "Image folder: one sub-folder per class.")
 flags.DEFINE_string("output", None, "Directory for the shards.")
@@ -29,8 +31,7 @@ FLAGS = flags.FLAGS
 
 
 def fail(message):
-    print(f"images_to_tfrecords: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail("images_to_tfrecords", message)
 
 
 def main(argv):
@@ -62,12 +63,5 @@ def main(argv):
     print(f"train with --dataset=tfrecord:{FLAGS.output} --num_classes={len(classes)}")
 
 
-def parse(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        fail(str(e).splitlines()[0])
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse)
+    cli.run(main, "images_to_tfrecords")

@@ -53,8 +53,6 @@ def _run_dir_of(prefix):
 
 def initialize_from(model: EfficientNet, path: str, skip_head: bool = False, use_ema: bool = True) -> str:
     """Fill `model` from `path`; returns a one-line description of what was loaded."""
-    from advprop_tf.models.transfer import copy_weights
-
     if path.endswith(".h5"):
         keras_application_model(path, model, skip_head)
         return f"Keras applications weights {path}" + (" (head skipped)" if skip_head else "")
@@ -68,11 +66,17 @@ def initialize_from(model: EfficientNet, path: str, skip_head: bool = False, use
         source, _, step = load_trained(run_dir, use_ema=use_ema and any(n.startswith("ema/") for n in names))
     except ExportError as e:
         raise InitError(f"--init_checkpoint: {str(e).split(': ', 1)[-1]}") from None
+    _copy(source, model, skip_head)
+    return f"{prefix} (step {step}{', EMA' if use_ema else ''}{', head skipped' if skip_head else ''})"
+
+
+def _copy(source, model, skip_head):
+    from advprop_tf.models.transfer import copy_weights
+
     try:
         copy_weights(source, model, skip_head=skip_head)
     except ValueError as e:
         raise InitError(f"--init_checkpoint: {e}") from None
-    return f"{prefix} (step {step}{', EMA' if use_ema else ''}{', head skipped' if skip_head else ''})"
 
 
 def _from_authors_checkpoint(model, prefix, names, skip_head, use_ema):
@@ -83,19 +87,14 @@ def _from_authors_checkpoint(model, prefix, names, skip_head, use_ema):
         raise InitError(f"--init_checkpoint: {prefix!r} has no run_config.json beside it and no "
                         "authors' EfficientNet variables")
     # Read into a copy with the checkpoint's head, then copy (maybe without the head).
-    head = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()[f"{scopes[0]}/head/dense/bias"]
-    config = dict(model.get_config(), domains=["clean"], num_classes=int(head[0]))
+    head = tf.train.load_checkpoint(prefix).get_variable_to_shape_map().get(f"{scopes[0]}/head/dense/bias")
+    config = dict(model.get_config(), domains=["clean"], num_classes=int(head[0]) if head else model.num_classes)
     source = EfficientNet.from_config(config)
     try:
         report = load_authors_checkpoint(source, prefix, scope=scopes[0], use_ema=use_ema)
     except CheckpointMismatch as e:
         raise InitError(f"--init_checkpoint: {e}") from None
-    from advprop_tf.models.transfer import copy_weights
-
-    try:
-        copy_weights(source, model, skip_head=skip_head)
-    except ValueError as e:
-        raise InitError(f"--init_checkpoint: {e}") from None
+    _copy(source, model, skip_head)
     return (f"authors' checkpoint {prefix} ({scopes[0]}, {report.from_ema} EMA values"
             f"{', head skipped' if skip_head else ''})")
 
