@@ -140,14 +140,20 @@ def eval_dataset(source: Source, size: int, batch_size: int, split: str = "valid
     if source.encoded:
         stats = stats or DecodeStats()
         ds = ds.filter(stats.keep)
-    ds = ds.map(lambda data, label: (preprocess_eval(data, size), label),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # Named functions, not lambdas: AutoGraph cannot parse several lambdas sharing lines.
+    def prepare(data, label):
+        return preprocess_eval(data, size), label
+
+    def pad(images, labels):
+        return pad_batch(images, labels, batch_size)
+
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors()
     if cache:
         ds = ds.cache()
     ds = ds.batch(batch_size)
     if pad_to_batch:
-        ds = ds.map(lambda images, labels: pad_batch(images, labels, batch_size))
+        ds = ds.map(pad)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
