@@ -283,9 +283,9 @@ def test_autoaugment_in_the_pipeline_is_seeded_and_stays_stateless():
     from advprop_tf.data.autoaugment import autoaugment
 
     image = tf.constant(gradient_image(48, 48).astype(np.float32))
-    outputs = [autoaugment(image, tf.constant([3, i])).numpy() for i in range(12)]
+    outputs = [autoaugment(image, tf.constant([3, i])).numpy() for i in range(10)]
     np.testing.assert_array_equal(outputs[0], autoaugment(image, tf.constant([3, 0])).numpy())
-    assert sum(not np.array_equal(o, image.numpy()) for o in outputs) >= 6  # most draws change the image
+    assert sum(not np.array_equal(o, image.numpy()) for o in outputs) >= 5  # most draws change the image
     for out in outputs:
         assert out.shape == (48, 48, 3) and out.min() >= 0 and out.max() <= 255
         np.testing.assert_array_equal(out, np.round(out))

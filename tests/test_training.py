@@ -41,7 +41,7 @@ def bn_stats(trainer, domain):
 
 def test_mirrored_loop_trains_advprop_on_two_logical_cpus(tmp_path):
     strategy = two_cpu_strategy()
-    trainer = Trainer(tiny_config(tmp_path, train_steps=4, steps_per_loop=2), strategy)
+    trainer = Trainer(tiny_config(tmp_path, train_steps=4, steps_per_loop=2, export=False), strategy)
     assert strategy.num_replicas_in_sync == 2
     initial_clean, initial_adv = bn_stats(trainer, "clean"), bn_stats(trainer, "adv")
     sums = {k: float(v) for k, v in trainer.train_step.run_loop(trainer.train_iterator, tf.constant(2)).items()}
@@ -141,7 +141,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
 
 def test_eval_results_and_summaries_are_written(tmp_path):
-    trainer = run_training(tiny_config(tmp_path))
+    trainer = run_training(tiny_config(tmp_path, export=False))
     results = json.load(open(tmp_path / "eval_results.json"))
     assert results["step"] == 6 and results["domain"] == "clean" and results["ema"] is True
     assert 0.0 <= results["top_1"] <= results["top_5"] <= 1.0
