@@ -1,4 +1,9 @@
-"""tools/compare_methods.py end to end at CI size: four methods trained, evaluated, tabled and charted."""
+"""tools/compare_methods.py end to end at CI size: methods trained, evaluated, tabled and charted.
+
+Two of the four methods keep the suite short; all four ran end to end in the
+Imagenette experiment (docs/imagenette_comparison.md), and each method's
+objective is tested in test_methods.py.
+"""
 
 import json
 import os
@@ -15,13 +20,13 @@ def test_compare_methods_on_the_synthetic_set(tmp_path):
     cmd = [sys.executable, "tools/compare_methods.py", "--config=configs/demo.flags",
            *[f"--override={o}" for o in overrides], f"--output_dir={tmp_path}",
            "--corruptions=gaussian_noise,contrast", "--severities=1,5", "--eval_max_batches=1",
-           "--eval_batch_size=16"]
+           "--eval_batch_size=16", "--methods=vanilla,advprop"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "comparison.md").read_text()
     assert "| method | clean top-1 | PGD-3 ε=2 acc. | mean corruption acc. | training time | images/s |" in table
     rows = [line for line in table.splitlines() if line.startswith("| ") and "method" not in line]
-    assert [row.split("|")[1].strip() for row in rows] == ["vanilla", "mixed", "adversarial", "advprop"]
+    assert [row.split("|")[1].strip() for row in rows] == ["vanilla", "advprop"]
     assert "Command: `python tools/compare_methods.py --config=configs/demo.flags" in table
     assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.load(open(tmp_path / "comparison.json"))
@@ -33,7 +38,7 @@ def test_compare_methods_on_the_synthetic_set(tmp_path):
     # Each method trained its own model: the auxiliary BN exists only in AdvProp's.
     domains = {row["method"]: json.load(open(os.path.join(row["model_dir"], "run_config.json")))["model"]["domains"]
                for row in summary["rows"]}
-    assert domains == {"vanilla": ["clean"], "mixed": ["clean"], "adversarial": ["clean"], "advprop": ["clean", "adv"]}
+    assert domains == {"vanilla": ["clean"], "advprop": ["clean", "adv"]}
 
 
 def test_compare_methods_names_a_bad_method(tmp_path):

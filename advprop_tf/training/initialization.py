@@ -130,8 +130,9 @@ def keras_application_model(path: str, model: EfficientNet, skip_head: bool) -> 
             continue
         head_matches = include_top and classes == model.num_classes
         if not head_matches and not skip_head:
-            raise InitError(f"--init_checkpoint: {path!r} has a {classes if include_top else 'missing'}-class "
-                            f"head, the model {model.num_classes} classes; pass --init_skip_head")
+            found = f"a {classes}-class head" if include_top else f"no {model.num_classes}-class head"
+            raise InitError(f"--init_checkpoint: {path!r} has {found}, the model has {model.num_classes} "
+                            "classes; pass --init_skip_head to train a new head")
         try:
             copy_keras_application_weights(keras_model, model, skip_head=skip_head or not head_matches)
         except ValueError as e:
