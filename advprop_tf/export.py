@@ -139,14 +139,11 @@ def load_trained(model_dir, use_ema=True, domain=None):
 
 def export(model_dir, export_dir, domain="clean", use_ema=True, version=None):
     """Write the SavedModel; returns its directory. Raises ExportError, writing nothing, on bad requests."""
-    run = read_run_config(model_dir)
-    if domain not in run["model"].get("domains", ["clean"]):
-        raise ExportError(f"--domain: unknown domain {domain!r}; the model has {tuple(run['model']['domains'])}")
+    trained, run, step = load_trained(model_dir, use_ema, domain)
     version = next_version(export_dir) if version is None else int(version)
     target = os.path.join(export_dir, str(version))
     if tf.io.gfile.exists(target):
         raise ExportError(f"--version: {target!r} already exists; not overwriting it")
-    trained, run, step = load_trained(model_dir, use_ema, domain)
     network = inference_network(trained, domain)
     metadata = {
         "model": trained.model_name, "input_normalization": trained.input_normalization,
