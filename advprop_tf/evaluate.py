@@ -136,18 +136,13 @@ def run(f=FLAGS, log=print):
     from advprop_tf import evaluation
     from advprop_tf.data.pipeline import eval_dataset
     from advprop_tf.data.sources import SourceError, parse_source
-    from advprop_tf.export import ExportError, read_run_config
 
     corruptions, severities, reference = validate(f)
     if f.model_dir:
-        try:
-            run_config = read_run_config(f.model_dir)
-        except ExportError as e:
-            raise UsageError(str(e)) from None
         classifier = evaluation.classifier_from_model_dir(f.model_dir, f.domain or "clean", f.use_ema)
     else:
-        run_config = {}
         classifier = evaluation.classifier_from_saved_model(f.saved_model, f.domain)
+    run_config = classifier.run_config
     options = run_config.get("data_options", {})
     dataset_spec = f.dataset or run_config.get("dataset")
     if not dataset_spec:

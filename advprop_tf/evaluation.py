@@ -33,6 +33,7 @@ class Classifier:
     resolution: int
     num_classes: int
     description: dict  # what was loaded: kind, path, domain, ema, step, model
+    run_config: dict = dataclasses.field(default_factory=dict)  # a training directory's run_config.json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,7 @@ def classifier_from_model_dir(model_dir: str, domain: str = "clean", use_ema: bo
     return Classifier(logits_fn, model.resolution, model.num_classes, {
         "kind": "model_dir", "path": model_dir, "model": model.model_name, "domain": domain,
         "ema": bool(use_ema), "step": step, "method": run.get("method"),
-    })
+    }, run)
 
 
 def classifier_from_saved_model(path: str, domain: str | None = None) -> Classifier:
