@@ -8,8 +8,6 @@ command line after --flagfile override it.
 
 from __future__ import annotations
 
-import os
-
 from absl import flags
 
 from advprop_tf.attacks.pgd import steps_for_epsilon
@@ -119,6 +117,9 @@ def define_train_flags(flag_values=FLAGS):
     d.DEFINE_integer("num_gpus", -1, "GPUs for MirroredStrategy (-1: all visible).")
     d.DEFINE_string("worker_hosts", "", "host:port,... for MultiWorkerMirroredStrategy (or TF_CONFIG).")
     d.DEFINE_integer("task_index", 0, "This worker's index in --worker_hosts.")
+    d.DEFINE_bool("allow_config_change", False,
+                  "Resume a run although a flag that fixes its meaning (model, method, domains, global batch, "
+                  "resolution, classes, dataset) differs from the one it was started with.")
 
 
 def make_config(**overrides):
@@ -207,12 +208,13 @@ def validate_train_flags(f=FLAGS):
         raise FlagError("data_dir", f"--dataset={f.dataset} needs a location: '{kind}:<path>' or --data_dir")
     if kind in ("folder", "tfrecord"):
         path = location or f.data_dir
-        if "*" not in path and "{split}" not in path and not os.path.exists(path):
-            flag = "dataset" if location else "data_dir"
+        flag = "dataset" if location else "data_dir"
+        if "*" not in path and "{split}" not in path and not _exists(path, flag):
             raise FlagError(flag, f"{path!r} does not exist")
     if f.init_checkpoint:
         path = f.init_checkpoint
-        if not (os.path.exists(path) or os.path.exists(path + ".index") or path.endswith(".index")):
+        if not (path.endswith(".index") or _exists(path, "init_checkpoint")
+                or _exists(path + ".index", "init_checkpoint")):
             raise FlagError("init_checkpoint", f"{path!r} does not exist")
         if path.endswith(".h5") and f.input_normalization != "imagenet":
             raise FlagError("input_normalization", "Keras applications weights expect ImageNet mean/std; "
@@ -223,6 +225,16 @@ def validate_train_flags(f=FLAGS):
         raise FlagError("crop_min_area", f"must be in (0, 1], got {f.crop_min_area:g}")
     if not 0 <= f.holdout_fraction < 1:
         raise FlagError("holdout_fraction", f"must be in [0, 1), got {f.holdout_fraction:g}")
+
+
+def _exists(path: str, flag: str) -> bool:
+    """Whether a local, gs:// or other TensorFlow-filesystem path exists; FlagError if it cannot be asked."""
+    import tensorflow as tf
+
+    try:
+        return tf.io.gfile.exists(path)
+    except tf.errors.OpError as e:  # an unknown scheme, missing credentials, an unreachable bucket
+        raise FlagError(flag, f"cannot check {path!r}: {e.message.splitlines()[0]}") from None
 
 
 def attack_steps(f=FLAGS) -> int:

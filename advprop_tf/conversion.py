@@ -7,7 +7,7 @@ an EMA equal to it) is what `train --init_checkpoint`, `export` and
 
 from __future__ import annotations
 
-import os
+import tensorflow as tf
 
 
 class ConvertError(ValueError):
@@ -18,7 +18,7 @@ def resolve_source(path):
     from advprop_tf.training.initialization import InitError, resolve_checkpoint
 
     if path.endswith(".h5"):
-        if not os.path.isfile(path):
+        if tf.io.gfile.isdir(path) or not tf.io.gfile.exists(path):
             raise ConvertError(f"--source: {path!r} does not exist")
         return path
     try:
@@ -32,9 +32,8 @@ def convert(source: str, model_name: str, output: str, advprop: bool = False, us
             width_coefficient: float | None = None, depth_coefficient: float | None = None,
             export_saved_model: bool = False) -> str:
     """Convert `source` into the directory `output`; returns a summary. Raises ConvertError."""
-    import tensorflow as tf
-
-    from advprop_tf.export import export, write_run_config
+    from advprop_tf.serving import export
+    from advprop_tf.training.run_dir import RUN_CONFIG, RunDir, checkpoint_reader, make_run_config
     from advprop_tf.models import MODEL_NAMES, build_efficientnet
     from advprop_tf.models.authors_checkpoint import CheckpointMismatch, checkpoint_scopes, load_authors_checkpoint
     from advprop_tf.training.ema import ExponentialMovingAverage
@@ -44,8 +43,8 @@ def convert(source: str, model_name: str, output: str, advprop: bool = False, us
             raise ConvertError(f"--{flag}: is required")
     if model_name not in MODEL_NAMES:
         raise ConvertError(f"--model: unknown model {model_name!r}; valid: {', '.join(MODEL_NAMES)}")
-    checkpoints = os.path.join(output, "checkpoints")
-    if tf.train.latest_checkpoint(checkpoints):
+    run_dir = RunDir(output)
+    if run_dir.latest_checkpoint():
         raise ConvertError(f"--output: {output!r} already holds a checkpoint; not overwriting it")
     requested = source
     source = resolve_source(source)
@@ -68,7 +67,7 @@ def convert(source: str, model_name: str, output: str, advprop: bool = False, us
             raise ConvertError(f"--source: {str(e).split(': ', 1)[1]}") from None
         summary = f"copied every layer of {source}"
     else:
-        shapes = tf.train.load_checkpoint(source).get_variable_to_shape_map()
+        shapes = checkpoint_reader(source).get_variable_to_shape_map()
         scopes = checkpoint_scopes(shapes)
         if model_name not in scopes:
             raise ConvertError(f"--model: {source} holds {', '.join(scopes) or 'no EfficientNet'}, not {model_name}")
@@ -85,14 +84,13 @@ def convert(source: str, model_name: str, output: str, advprop: bool = False, us
         if report.unused:
             summary += f"\nunused checkpoint variables (not optimizer slots): {', '.join(report.unused)}"
 
-    tf.io.gfile.makedirs(output)
-    write_run_config(output, model, [], "converted", None,
-                     {"source": requested, "use_ema": use_ema})
+    run_dir.write_json(RUN_CONFIG, make_run_config(model, [], "converted", None,
+                                                   {"source": requested, "use_ema": use_ema}))
     ema = ExponentialMovingAverage(model)  # shadows = the converted values: export/evaluate read them
-    path = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, ema=ema), checkpoints, 1).save(
+    path = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, ema=ema), run_dir.checkpoint_dir, 1).save(
         checkpoint_number=0)
     summary += (f"\nwrote {path} ({model.model_name}, {model.num_classes} classes, "
                 f"input normalization {model.input_normalization})")
     if export_saved_model:
-        summary += f"\nexported {export(output, os.path.join(output, 'export'))}"
+        summary += f"\nexported {export(output, run_dir.export_dir)}"
     return summary

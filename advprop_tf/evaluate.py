@@ -18,7 +18,6 @@ Bad flags exit with status 2 and one line naming the flag.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -76,7 +75,7 @@ def validate(f=FLAGS):
         raise UsageError("--model_dir: give exactly one of --model_dir and --saved_model")
     path = f.model_dir or f.saved_model
     flag = "model_dir" if f.model_dir else "saved_model"
-    if not os.path.isdir(path):
+    if not _is_dir(path, flag):
         raise UsageError(f"--{flag}: {path!r} does not exist")
     if f.dataset is not None and f.dataset.partition(":")[0] not in SOURCE_KINDS:
         raise UsageError(f"--dataset: unknown data source {f.dataset!r}; valid kinds: {', '.join(SOURCE_KINDS)}")
@@ -102,14 +101,13 @@ def validate(f=FLAGS):
     if f.reference_results:
         if not corruptions:
             raise UsageError("--reference_results: needs --corruptions (the mCE compares corruption errors)")
+        from advprop_tf.training.run_dir import RunDirError, read_json
+
         try:
-            with open(f.reference_results) as fh:
-                reference = json.load(fh)
-        except OSError as e:
-            raise UsageError(f"--reference_results: cannot read {f.reference_results!r} ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise UsageError(f"--reference_results: {f.reference_results!r} is not JSON ({e.msg})") from None
-    if f.label_subset not in ("none", "auto") and not os.path.isfile(f.label_subset):
+            reference = read_json(f.reference_results)
+        except RunDirError as e:
+            raise UsageError(f"--reference_results: {e}") from None
+    if f.label_subset not in ("none", "auto") and not _is_file(f.label_subset, "label_subset"):
         raise UsageError(f"--label_subset: {f.label_subset!r} is neither none, auto nor a file")
     return corruptions, severities, reference
 
@@ -122,7 +120,9 @@ def _label_subset(spec, source, split):
     if spec == "auto":
         labels = source.dataset(split).map(lambda data, label: label)
         return sorted(int(v) for v in np.unique(np.fromiter(labels.as_numpy_iterator(), np.int64)))
-    with open(spec) as fh:
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(spec) as fh:
         try:
             return sorted({int(token) for token in fh.read().replace(",", " ").split()})
         except ValueError:
@@ -136,6 +136,7 @@ def run(f=FLAGS, log=print):
     from advprop_tf import evaluation
     from advprop_tf.data.pipeline import eval_dataset
     from advprop_tf.data.sources import SourceError, parse_source
+    from advprop_tf.training.run_dir import write_json
 
     corruptions, severities, reference = validate(f)
     if f.model_dir:
@@ -184,16 +185,35 @@ def run(f=FLAGS, log=print):
     if reference is not None:
         results["mce"] = evaluation.corruption_errors(results, reference)
     output = f.output or _default_output(f, classifier)
-    with open(output, "w") as fh:
-        json.dump(results, fh, indent=2)
+    write_json(output, results)
     return results, output
 
 
 def _default_output(f, classifier):
+    from advprop_tf.paths import basename, dirname, join
+
     if f.model_dir:
-        return os.path.join(f.model_dir, f"evaluation_{classifier.description['domain']}.json")
-    path = os.path.normpath(f.saved_model)
-    return os.path.join(os.path.dirname(path), f"evaluation_{os.path.basename(path)}.json")
+        return join(f.model_dir, f"evaluation_{classifier.description['domain']}.json")
+    path = f.saved_model.rstrip("/")
+    return join(dirname(path), f"evaluation_{basename(path)}.json")
+
+
+def _is_dir(path, flag):
+    import tensorflow as tf
+
+    try:
+        return tf.io.gfile.isdir(path)
+    except tf.errors.OpError as e:
+        raise UsageError(f"--{flag}: cannot check {path!r}: {e.message.splitlines()[0]}") from None
+
+
+def _is_file(path, flag):
+    import tensorflow as tf
+
+    try:
+        return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
+    except tf.errors.OpError as e:
+        raise UsageError(f"--{flag}: cannot check {path!r}: {e.message.splitlines()[0]}") from None
 
 
 def fail(message):

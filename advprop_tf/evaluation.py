@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Callable, Sequence
 
@@ -21,6 +20,7 @@ import tensorflow as tf
 
 from advprop_tf.attacks.pgd import pgd, random_wrong_labels
 from advprop_tf.data.corruptions import corrupt
+from advprop_tf.paths import join
 
 
 class EvaluationError(ValueError):
@@ -58,7 +58,7 @@ def topk_counts(logits, labels, k: int):
 # ------------------------------------------------------------------ loading
 def classifier_from_model_dir(model_dir: str, domain: str = "clean", use_ema: bool = True) -> Classifier:
     """The training model of `model_dir`, routed through `domain`'s BN, in inference mode."""
-    from advprop_tf.export import ExportError, load_trained
+    from advprop_tf.serving import ExportError, load_trained
 
     try:
         model, run, step = load_trained(model_dir, use_ema, domain)
@@ -75,13 +75,13 @@ def classifier_from_model_dir(model_dir: str, domain: str = "clean", use_ema: bo
 
 def classifier_from_saved_model(path: str, domain: str | None = None) -> Classifier:
     """An exported SavedModel (advprop_tf.export), through its predict_pixels signature."""
-    if not tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+    if not tf.io.gfile.exists(join(path, "saved_model.pb")):
         raise EvaluationError(f"--saved_model: {path!r} holds no saved_model.pb")
     loaded = tf.saved_model.load(path)
     if "predict_pixels" not in loaded.signatures:
         raise EvaluationError(f"--saved_model: {path!r} has no predict_pixels signature (not an advprop_tf export)")
     metadata = {}
-    metadata_path = os.path.join(path, "assets", "metadata.json")
+    metadata_path = join(path, "assets", "metadata.json")
     if tf.io.gfile.exists(metadata_path):
         with tf.io.gfile.GFile(metadata_path) as f:
             metadata = json.load(f)
@@ -138,24 +138,29 @@ def subset_label_map(subset: Sequence[int]):
 
 
 # ------------------------------------------------------------- the measure
-def evaluate(classifier: Classifier, dataset: tf.data.Dataset, *, attack: AttackSpec | None = None,
+def evaluate(classifier: Classifier, dataset, *, attack: AttackSpec | None = None,
              corruptions: Sequence[str] = (), severities: Sequence[int] = (1, 2, 3, 4, 5),
              seed: int = 0, num_examples: int | None = None, max_batches: int | None = None,
-             label_map: Callable | None = None, progress: Callable[[str], None] | None = None) -> dict:
+             label_map: Callable | None = None, progress: Callable[[str], None] | None = None,
+             strategy: tf.distribute.Strategy | None = None) -> dict:
     """One pass over `dataset` (batches of pixels, labels); returns the results dict.
 
-    Randomness (attack targets and start, corruption noise) is seeded by
-    (seed, batch index): the same seed and batch size give the same numbers.
+    This is THE evaluation loop: the trainer calls it with its strategy and a
+    distributed dataset (each replica counts its share, the counts are summed
+    across replicas and workers), the evaluate CLI with a plain dataset.
+    Labels -1 mark padding and are not counted. Randomness (attack targets
+    and start, corruption noise) is seeded by (seed, batch index, replica):
+    the same seed and batch size give the same numbers.
     """
+    strategy = strategy or tf.distribute.get_strategy()
     k = min(5, classifier.num_classes)
     logits_fn = classifier.logits_fn
     severities = tuple(severities)
 
-    @tf.function(reduce_retracing=True)
-    def clean_counts(images, labels):
+    def clean_counts(images, labels, batch_seed):
+        del batch_seed
         return topk_counts(logits_fn(images), labels, k)
 
-    @tf.function(reduce_retracing=True)
     def attack_counts(images, labels, batch_seed):
         valid = tf.cast(labels >= 0, tf.float32)
         safe_labels = tf.maximum(labels, 0)
@@ -171,7 +176,6 @@ def evaluate(classifier: Classifier, dataset: tf.data.Dataset, *, attack: Attack
             hit = tf.reduce_sum(tf.cast(tf.not_equal(predictions, safe_labels), tf.float32) * valid)
         return tf.stack([correct, hit])
 
-    @tf.function(reduce_retracing=True)
     def corruption_counts(images, labels, batch_seed):
         """[corruptions, severities] correct counts; one graph for all (one trace)."""
         valid = tf.cast(labels >= 0, tf.float32)[None]
@@ -184,35 +188,51 @@ def evaluate(classifier: Classifier, dataset: tf.data.Dataset, *, attack: Attack
             rows.append(tf.reduce_sum(correct, axis=1))
         return tf.stack(rows)
 
-    clean = np.zeros(3)
-    attacked = np.zeros(2)
-    corrupted = np.zeros([len(corruptions), len(severities)])
+    measures = [clean_counts]
+    if attack is not None:
+        measures.append(attack_counts)
+    if corruptions:
+        measures.append(corruption_counts)
+
+    def replica_counts(images, labels, index):
+        labels = tf.cast(labels, tf.int32)
+        if label_map is not None:
+            labels = label_map(labels)
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        # Replica 0 keeps (seed, index): one device gives the numbers it always gave.
+        batch_seed = tf.stack([tf.constant(seed, tf.int32), index + 1_000_003 * tf.cast(replica, tf.int32)])
+        return [measure(images, labels, batch_seed) for measure in measures]
+
+    @tf.function(reduce_retracing=True)
+    def batch_counts(images, labels, index):
+        per_replica = strategy.run(replica_counts, args=(images, labels, index))
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in per_replica]
+
+    totals = None
     started = last_report = time.time()
     for index, (images, labels) in enumerate(dataset):
         if max_batches is not None and index >= max_batches:
             break
-        labels = tf.cast(labels, tf.int32)
-        if label_map is not None:
-            labels = label_map(labels)
-        batch_seed = tf.constant([seed, index], tf.int32)
-        clean += clean_counts(images, labels).numpy()
-        if attack is not None:
-            attacked += attack_counts(images, labels, batch_seed).numpy()
-        if corruptions:
-            corrupted += corruption_counts(images, labels, batch_seed).numpy()
+        counts = [c.numpy() for c in batch_counts(images, labels, tf.constant(index, tf.int32))]
+        totals = counts if totals is None else [t + c for t, c in zip(totals, counts)]
         if progress is not None and (time.time() - last_report > 10 or index == 0):
             last_report = time.time()
-            progress(_progress_line(int(clean[2]), num_examples, time.time() - started))
+            progress(_progress_line(int(totals[0][2]), num_examples, time.time() - started))
+    if totals is None:
+        totals = [np.zeros(3), np.zeros(2), np.zeros([len(corruptions), len(severities)])][:len(measures)]
+    clean = totals.pop(0)
+    attacked = totals.pop(0) if attack is not None else None
+    corrupted = totals.pop(0) if corruptions else None
     n = max(clean[2], 1.0)
     results = {
         "classifier": classifier.description,
         "examples": int(clean[2]),
-        "clean": {"top_1": clean[0] / n, "top_5": clean[1] / n},
+        "clean": {"top_1": float(clean[0] / n), "top_5": float(clean[1] / n)},
         "seconds": round(time.time() - started, 1),
     }
     if attack is not None:
-        results["pgd"] = dict(dataclasses.asdict(attack), accuracy=attacked[0] / n)
-        results["pgd"]["target_success_rate" if attack.targeted else "error_rate"] = attacked[1] / n
+        results["pgd"] = dict(dataclasses.asdict(attack), accuracy=float(attacked[0] / n))
+        results["pgd"]["target_success_rate" if attack.targeted else "error_rate"] = float(attacked[1] / n)
     if corruptions:
         per_name = {}
         for name, counts in zip(corruptions, corrupted):

@@ -1,177 +1,20 @@
-"""python -m advprop_tf.export --model_dir=<training dir> --export_dir=<dir> [--domain=clean] [--use_ema] [--version=N]
+"""python -m advprop_tf.export --model_dir=<training dir> [--export_dir=<dir>] [--domain=clean] [--use_ema] [--version=N]
 
-Builds a NEW, plain inference network with ONE BN set, copies into it the
-weights of the chosen domain (main "clean" by default; "adv" gives the
-adversarially-normalized, robust variant) from the EMA averages, and writes a
-SavedModel under export_dir/<version>/, the layout TF Serving watches.
-
-Signatures:
-  serving_default(image_bytes: string [N]) -> classes int64 [N], probabilities float32 [N, C]
-      (decode + the evaluation preprocessing inside the graph)
-  predict_pixels(pixels: float32 [N, H, W, 3] in [0, 255]) -> classes, probabilities, logits
-Assets: labels.txt (class names, when known) and metadata.json (model, input
-normalization, resolution, training method, domain, step).
+Writes a float32 SavedModel with ONE BN set (the main "clean" one by default;
+"adv" gives the robust network) under export_dir/<version>/; see
+advprop_tf/serving.py for its signatures. Bad flags exit with status 2 and
+one line naming the flag.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
 from advprop_tf import cli  # noqa: E402
-
-from advprop_tf.data.preprocessing import is_decodable_image, preprocess_eval  # noqa: E402
-from advprop_tf.models.efficientnet import EfficientNet  # noqa: E402
-from advprop_tf.models.transfer import copy_weights  # noqa: E402
-
-RUN_CONFIG = "run_config.json"
-
-
-class ExportError(ValueError):
-    """A request that cannot be exported; nothing was written."""
-
-
-def write_run_config(model_dir, model, class_names, method, dataset, data_options=None):
-    """What export and evaluate need to rebuild the training model and find its data (written by the trainer)."""
-    config = {"model": model.get_config(), "class_names": list(class_names or []),
-              "method": method, "dataset": dataset, "data_options": dict(data_options or {})}
-    with tf.io.gfile.GFile(os.path.join(model_dir, RUN_CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
-
-
-def read_run_config(model_dir):
-    path = os.path.join(model_dir, RUN_CONFIG)
-    if not tf.io.gfile.exists(path):
-        raise ExportError(f"--model_dir: {model_dir!r} holds no {RUN_CONFIG}; is it a training directory?")
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
-
-
-def inference_network(trained: EfficientNet, domain: str) -> EfficientNet:
-    """A one-BN-set copy of `trained` whose BNs hold `domain`'s statistics and affine weights."""
-    if domain not in trained.domains:
-        raise ExportError(f"--domain: unknown domain {domain!r}; the model has {trained.domains}")
-    config = dict(trained.get_config(), domains=["clean"])
-    network = EfficientNet.from_config(config)
-    copy_weights(trained, network, domain_of=lambda _: domain)
-    return network
-
-
-class ServingModule(tf.Module):
-    """The exported object: the inference network and its two signatures."""
-
-    def __init__(self, network: EfficientNet, assets: dict):
-        super().__init__(name="advprop_serving")
-        self.network = network
-        self.resolution = network.resolution
-        self.assets = {name: tf.saved_model.Asset(path) for name, path in assets.items()}
-        size = self.resolution
-        self.serving_default = tf.function(
-            self._serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")]
-        )
-        self.predict_pixels = tf.function(
-            self._serve_pixels, input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")]
-        )
-
-    def _outputs(self, pixels):
-        logits = tf.cast(self.network(pixels, training=False), tf.float32)
-        return {
-            "classes": tf.argmax(logits, axis=-1, output_type=tf.int64),
-            "probabilities": tf.nn.softmax(logits),
-            "logits": logits,
-        }
-
-    def _serve_pixels(self, pixels):
-        return self._outputs(pixels)
-
-    def _serve_bytes(self, image_bytes):
-        def decode(data):
-            check = tf.debugging.Assert(
-                is_decodable_image(data),
-                ["an image in image_bytes could not be decoded (not a complete JPEG, PNG, GIF or BMP)"],
-            )
-            with tf.control_dependencies([check]):
-                return preprocess_eval(data, self.resolution)
-
-        pixels = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec(
-            [self.resolution, self.resolution, 3], tf.float32))
-        outputs = self._outputs(pixels)
-        return {"classes": outputs["classes"], "probabilities": outputs["probabilities"]}
-
-
-def next_version(export_dir):
-    versions = [int(d) for d in (tf.io.gfile.listdir(export_dir) if tf.io.gfile.isdir(export_dir) else [])
-                if d.strip("/").isdigit()]
-    return max(versions, default=0) + 1
-
-
-def load_trained(model_dir, use_ema=True, domain=None):
-    """The training model (all domains) of `model_dir`'s newest checkpoint, EMA values applied.
-
-    Returns (model, run_config, step). Raises ExportError naming the flag on a
-    bad directory, a missing checkpoint or EMA, or an unknown `domain`.
-    """
-    from advprop_tf.training.ema import ExponentialMovingAverage
-
-    run = read_run_config(model_dir)
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    if not latest:
-        raise ExportError(f"--model_dir: no checkpoint in {os.path.join(model_dir, 'checkpoints')!r}")
-    trained = EfficientNet.from_config(run["model"])
-    if domain is not None and domain not in trained.domains:
-        raise ExportError(f"--domain: unknown domain {domain!r}; the model has {tuple(trained.domains)}")
-    tracked = {"model": trained}
-    ema = None
-    if use_ema:
-        if not any(name.startswith("ema/") for name, _ in tf.train.list_variables(latest)):
-            raise ExportError("--use_ema: the checkpoint holds no EMA (trained with --ema_decay=0); pass --use_ema=false")
-        ema = tracked["ema"] = ExponentialMovingAverage(trained)
-    tf.train.Checkpoint(**tracked).read(latest).expect_partial().assert_existing_objects_matched()
-    if ema is not None:
-        ema.copy_to(trained)
-    return trained, run, int(latest.rsplit("-", 1)[1])
-
-
-def export(model_dir, export_dir, domain="clean", use_ema=True, version=None):
-    """Write the SavedModel; returns its directory. Raises ExportError, writing nothing, on bad requests."""
-    trained, run, step = load_trained(model_dir, use_ema, domain)
-    version = next_version(export_dir) if version is None else int(version)
-    target = os.path.join(export_dir, str(version))
-    if tf.io.gfile.exists(target):
-        raise ExportError(f"--version: {target!r} already exists; not overwriting it")
-    network = inference_network(trained, domain)
-    metadata = {
-        "model": trained.model_name, "input_normalization": trained.input_normalization,
-        "resolution": trained.resolution, "num_classes": trained.num_classes,
-        "method": run.get("method"), "domain": domain, "ema": bool(use_ema), "step": step,
-        "dataset": run.get("dataset"),
-    }
-    staging = tf.io.gfile.join(export_dir, f".staging-{version}")
-    if tf.io.gfile.exists(staging):
-        tf.io.gfile.rmtree(staging)
-    tf.io.gfile.makedirs(staging)
-    assets = {"metadata": os.path.join(staging, "metadata.json")}
-    with tf.io.gfile.GFile(assets["metadata"], "w") as f:
-        json.dump(metadata, f, indent=2)
-    if run.get("class_names"):
-        assets["labels"] = os.path.join(staging, "labels.txt")
-        with tf.io.gfile.GFile(assets["labels"], "w") as f:
-            f.write("\n".join(run["class_names"]) + "\n")
-    module = ServingModule(network, assets)
-    saved = os.path.join(staging, "saved_model")
-    tf.saved_model.save(module, saved, signatures={
-        "serving_default": module.serving_default, "predict_pixels": module.predict_pixels,
-    })
-    # Appear under export_dir/<version> only when complete (TF Serving picks it up then).
-    tf.io.gfile.rename(saved, target)
-    tf.io.gfile.rmtree(staging)
-    return target
-
 
 FLAGS = flags.FLAGS
 
@@ -189,12 +32,15 @@ def fail(message):
 
 
 def main(argv):
+    from advprop_tf.serving import ExportError, export
+    from advprop_tf.training.run_dir import RunDir
+
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}")
     if not FLAGS.model_dir:
         fail("--model_dir: is required")
     try:
-        path = export(FLAGS.model_dir, FLAGS.export_dir or os.path.join(FLAGS.model_dir, "export"),
+        path = export(FLAGS.model_dir, FLAGS.export_dir or RunDir(FLAGS.model_dir).export_dir,
                       FLAGS.domain, FLAGS.use_ema, FLAGS.version)
     except ExportError as e:
         fail(str(e))

@@ -33,6 +33,7 @@ def main(argv):
         fail(str(e))
     from advprop_tf.data.sources import SourceError
     from advprop_tf.training.loop import NonFiniteLossError, run_training
+    from advprop_tf.training.run_dir import RunDirError
 
     cfg = config.config_from_flags(FLAGS)
     logging.get_absl_handler().python_handler.stream = sys.stdout
@@ -40,6 +41,8 @@ def main(argv):
         trainer = run_training(cfg)
     except SourceError as e:
         fail(f"--dataset: {e}")
+    except RunDirError as e:
+        fail(str(e))
     except NonFiniteLossError as e:
         print(f"advprop_tf.train: {e}", file=sys.stderr)
         sys.exit(1)
@@ -49,7 +52,7 @@ def main(argv):
         raise
     if trainer.results is not None:
         print(f"final: top-1 {trainer.results['top_1']:.4f} top-5 {trainer.results['top_5']:.4f} "
-              f"at step {trainer.results['step']} ({cfg.model_dir}/eval_results.json)")
+              f"at step {trainer.results['step']} ({trainer.run_dir.file('eval_results.json')})")
 
 
 def run():

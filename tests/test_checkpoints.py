@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from advprop_tf.config import make_config
 from advprop_tf.conversion import ConvertError, convert
-from advprop_tf.export import load_trained
+from advprop_tf.serving import load_trained
 from advprop_tf.models import build_efficientnet
 from advprop_tf.models.multi_bn import MultiBatchNormalization
 from advprop_tf.training.initialization import InitError, initialize_from

@@ -22,7 +22,7 @@ from advprop_tf.evaluation import (
     subset_label_map,
     topk_counts,
 )
-from advprop_tf.export import export
+from advprop_tf.serving import export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from advprop_tf.export import export, read_run_config
+from advprop_tf.serving import export
+from advprop_tf.training.run_dir import RunDir
 from advprop_tf.models import build_efficientnet
 from advprop_tf.models.efficientnet import EfficientNet
 from advprop_tf.training.ema import ExponentialMovingAverage
@@ -52,7 +53,7 @@ print(json.dumps(out))
 
 def training_model_logits(model_dir, pixels, domain):
     """The training network (all BN domains) with its EMA weights, as evaluation uses it."""
-    model = EfficientNet.from_config(read_run_config(str(model_dir))["model"])
+    model = EfficientNet.from_config(RunDir(str(model_dir)).read_run_config()["model"])
     ema = ExponentialMovingAverage(model)
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
     tf.train.Checkpoint(model=model, ema=ema).read(latest).expect_partial()

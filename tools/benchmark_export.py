@@ -24,7 +24,7 @@ def main(argv):
     import tensorflow as tf
 
     from advprop_tf.benchmarking import time_interleaved
-    from advprop_tf.export import ServingModule, inference_network
+    from advprop_tf.serving import ServingModule, inference_network
     from advprop_tf.models import build_efficientnet
 
     size = FLAGS.resolution

@@ -74,10 +74,14 @@ def main(argv):
     from advprop_tf.data.sources import parse_source
     from advprop_tf.data.tfrecord_writer import write_tfrecords
 
-    if not os.path.isdir(FLAGS.data):
+    import tensorflow as tf
+
+    from advprop_tf.paths import join
+
+    if not tf.io.gfile.isdir(FLAGS.data):
         print(f"benchmark_input: error: --data: {FLAGS.data!r} is not a directory", file=sys.stderr)
         sys.exit(2)
-    if not os.path.exists(os.path.join(FLAGS.tfrecord_dir, "train-00000-of-00016")):
+    if not tf.io.gfile.exists(join(FLAGS.tfrecord_dir, "train-00000-of-00016")):
         print(f"writing TFRecords of {FLAGS.data} to {FLAGS.tfrecord_dir} ...", flush=True)
         write_tfrecords(FLAGS.data, FLAGS.tfrecord_dir, train_shards=16, validation_shards=1,
                         progress=lambda line: print("  " + line, flush=True))

@@ -16,7 +16,7 @@ when matplotlib is installed).
 
 from __future__ import annotations
 
-import json
+import io
 import os
 import shlex
 import sys
@@ -25,6 +25,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
 METHODS = ("vanilla", "mixed", "adversarial", "advprop")
@@ -70,11 +71,10 @@ def training_flags(config, overrides, method, model_dir):
 
 
 def finished(model_dir):
-    path = os.path.join(model_dir, "train_stats.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        stats = json.load(f)
+    """The train_stats of a finished run in `model_dir`, else None."""
+    from advprop_tf.training.run_dir import RunDir
+
+    stats = RunDir(model_dir).read_stats()
     return stats if stats.get("finished") else None
 
 
@@ -95,8 +95,7 @@ def train(method, cfg):
         raise Interrupted(f"{method} was interrupted at step {trainer.train_step.current_step}; "
                           "run the same command again to resume")
     keras.mixed_precision.set_global_policy("float32")  # a config may have changed it
-    with open(os.path.join(cfg.model_dir, "train_stats.json")) as f:
-        return json.load(f)
+    return trainer.run_dir.read_stats()
 
 
 def measure(method, model_dir):
@@ -156,15 +155,21 @@ def write_chart(rows, path, pgd_label):
     ax.legend(fontsize=8)
     ax.set_title("Training methods compared")
     fig.tight_layout()
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
+    with tf.io.gfile.GFile(path, "wb") as f:  # any filesystem, gs:// included
+        f.write(buffer.getvalue())
     return True
 
 
 def compare():
+    from advprop_tf.paths import join
+    from advprop_tf.training.run_dir import RunDir, write_atomically, write_json
+
     if not FLAGS.output_dir:
         raise CompareError("--output_dir: is required")
-    if FLAGS.config and not os.path.isfile(FLAGS.config):
+    if FLAGS.config and not tf.io.gfile.exists(FLAGS.config):
         raise CompareError(f"--config: {FLAGS.config!r} does not exist")
     for method in FLAGS.methods:
         if method not in METHODS:
@@ -172,17 +177,17 @@ def compare():
     existing = {}
     for item in FLAGS.model_dirs:
         method, _, path = item.partition("=")
-        if method not in FLAGS.methods or not os.path.isdir(path):
+        if method not in FLAGS.methods or not tf.io.gfile.isdir(path):
             raise CompareError(f"--model_dirs: {item!r} is not method=<existing directory> for a compared method")
         existing[method] = path
     started = time.time()
     configs = {m: training_flags(FLAGS.config, FLAGS.override, m,
-                                 existing.get(m, os.path.join(FLAGS.output_dir, m)))
+                                 existing.get(m, join(FLAGS.output_dir, m)))
                for m in FLAGS.methods}  # all validated before the first one trains
     rows = []
     for method in FLAGS.methods:
         cfg = configs[method]
-        if method in existing and not os.path.exists(os.path.join(cfg.model_dir, "train_stats.json")):
+        if method in existing and not RunDir(cfg.model_dir).read_stats():
             stats = {"train_seconds": 0.0, "images_per_second": None}
         else:
             stats = train(method, cfg)
@@ -199,20 +204,17 @@ def compare():
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     wall = time.time() - started
     table = markdown_table(rows, pgd_label)
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    chart = os.path.join(FLAGS.output_dir, "comparison.png")
-    have_chart = write_chart(rows, chart, pgd_label)
-    with open(os.path.join(FLAGS.output_dir, "comparison.md"), "w") as f:
-        f.write(f"Command: `{command}`\n\nWall time: {wall / 60:.1f} min; evaluated on "
-                f"{rows[0]['examples']} held-out images.\n\n{table}\n")
-        if have_chart:
-            f.write("\n![comparison](comparison.png)\n")
-    with open(os.path.join(FLAGS.output_dir, "comparison.json"), "w") as f:
-        json.dump({"command": command, "wall_seconds": wall, "rows": rows}, f, indent=2)
+    tf.io.gfile.makedirs(FLAGS.output_dir)
+    have_chart = write_chart(rows, join(FLAGS.output_dir, "comparison.png"), pgd_label)
+    write_atomically(join(FLAGS.output_dir, "comparison.md"),
+                     f"Command: `{command}`\n\nWall time: {wall / 60:.1f} min; evaluated on "
+                     f"{rows[0]['examples']} held-out images.\n\n{table}\n"
+                     + ("\n![comparison](comparison.png)\n" if have_chart else ""))
+    write_json(join(FLAGS.output_dir, "comparison.json"), {"command": command, "wall_seconds": wall, "rows": rows})
     print(table)
     if not have_chart:
         print("(no chart: pip install matplotlib to get comparison.png)")
-    print(f"wrote {os.path.join(FLAGS.output_dir, 'comparison.md')} in {wall / 60:.1f} min")
+    print(f"wrote {join(FLAGS.output_dir, 'comparison.md')} in {wall / 60:.1f} min")
 
 
 def main(argv):

@@ -38,6 +38,8 @@ def main(argv):
     from advprop_tf.data.sources import SourceError
     from advprop_tf.data.sources import folder_files
     from advprop_tf.data.tfrecord_writer import write_tfrecords
+    from advprop_tf.paths import join
+    from advprop_tf.training.run_dir import write_atomically
 
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}")
@@ -58,8 +60,7 @@ def main(argv):
         print(f"{split}: {count} images in {len(report.files[split])} shards")
     if report.skipped:
         print(f"skipped {len(report.skipped)} undecodable files: {', '.join(report.skipped)}")
-    with open(os.path.join(FLAGS.output, "labels.txt"), "w") as f:
-        f.write("\n".join(classes) + "\n")
+    write_atomically(join(FLAGS.output, "labels.txt"), "\n".join(classes) + "\n")
     print(f"train with --dataset=tfrecord:{FLAGS.output} --num_classes={len(classes)}")
 
 

@@ -64,7 +64,7 @@ def make_randaugment(num_layers: int, magnitude: float):
 def train_dataset(source: Source, size: int, batch_size: int, *, augment: str = "none",
                   randaugment_layers: int = 2, randaugment_magnitude: float = 10.0,
                   views: tuple = (), seed: int | None = None, shuffle_buffer: int = 10_000,
-                  stats: DecodeStats | None = None, skip_batches: int = 0, crop_min_area: float = 0.08,
+                  stats: DecodeStats | None = None, skip_examples: int = 0, crop_min_area: float = 0.08,
                   input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
     """Endless batches of (pixels, labels); pixels is a dict {"clean", *views} when views are asked for.
 
@@ -73,9 +73,10 @@ def train_dataset(source: Source, size: int, batch_size: int, *, augment: str = 
     use only stateless random ops, so the iterator can be checkpointed
     (keras-cv RandAugment is stateful: with it the iterator cannot; our
     AutoAugment is seeded per element and keeps it stateless).
-    `skip_batches` resumes where a run stopped when the iterator could not be
-    saved: the consumed elements are skipped before decoding, and their
-    indices (hence crops and flips) are those of an uninterrupted run.
+    `skip_examples` resumes where a run stopped when the iterator could not be
+    saved: that many elements of THIS pipeline (all of its local replicas'
+    batches) are skipped before decoding, and the indices of the rest (hence
+    crops and flips) are those of an uninterrupted run.
     """
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1)[0] % (2**31 - 1))
@@ -92,8 +93,8 @@ def train_dataset(source: Source, size: int, batch_size: int, *, augment: str = 
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     ds = ds.repeat()
     ds = ds.enumerate()
-    if skip_batches:
-        ds = ds.skip(skip_batches * batch_size)
+    if skip_examples:
+        ds = ds.skip(skip_examples)
     needs_randaugment = augment == "randaugment" or "randaugment" in views
     randaugment = make_randaugment(randaugment_layers, randaugment_magnitude) if needs_randaugment else None
 
@@ -130,11 +131,14 @@ def train_dataset(source: Source, size: int, batch_size: int, *, augment: str = 
 def eval_dataset(source: Source, size: int, batch_size: int, split: str = "validation",
                  stats: DecodeStats | None = None,
                  input_context: tf.distribute.InputContext | None = None,
-                 cache: bool = False, pad_to_batch: bool = False) -> tf.data.Dataset:
+                 cache: bool = False, pad_to_batch: bool = False, batches_multiple_of: int = 1) -> tf.data.Dataset:
     """One pass of (pixels, labels) with the 0.875 center crop.
 
     The last batch is short, or with `pad_to_batch` padded to `batch_size`
-    with label -1 (static shapes, and no replica ever gets an empty batch).
+    with label -1 (static shapes). `batches_multiple_of` (with `pad_to_batch`)
+    appends all-padding batches up to a multiple of that count: a pipeline
+    feeding k replicas then never leaves a real batch without a partner,
+    which tf.distribute would drop.
     """
     ds = source.dataset(split, input_context)
     if source.encoded:
@@ -154,6 +158,11 @@ def eval_dataset(source: Source, size: int, batch_size: int, split: str = "valid
     ds = ds.batch(batch_size)
     if pad_to_batch:
         ds = ds.map(pad)
+        if batches_multiple_of > 1:
+            k = batches_multiple_of
+            filler = tf.data.Dataset.from_tensors(pad_batch(
+                tf.zeros([0, size, size, 3]), tf.zeros([0], tf.int32), batch_size)).repeat(k - 1)
+            ds = ds.concatenate(filler).batch(k, drop_remainder=True).unbatch()
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

@@ -14,14 +14,13 @@ Spec strings (one flag):
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
 import zlib
 
 import tensorflow as tf
 
 from advprop_tf.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
 from advprop_tf.data.synthetic import synthetic_dataset
+from advprop_tf.paths import join as _join
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
 SOURCE_KINDS = ("synthetic", "folder", "tfrecord", "tfds")
@@ -115,19 +114,22 @@ def folder_files(root, holdout_fraction):
     validation by the CRC of "<class>/<file name>", so the split is the same
     on every machine (and in tools/images_to_tfrecords.py).
     """
-    if not os.path.isdir(root):
+    root = root.rstrip("/") or root
+    if not tf.io.gfile.isdir(root):
         raise SourceError(f"image folder {root!r} does not exist or is not a directory")
     if not 0.0 <= holdout_fraction < 1.0:
         raise SourceError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    # One listing of the root; object stores list sub-folders with a trailing '/'.
+    classes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root) if tf.io.gfile.isdir(_join(root, d.rstrip("/"))))
     if not classes:
         raise SourceError(f"image folder {root!r} has no class sub-folders")
     files = {"train": [], "validation": []}
     for label, name in enumerate(classes):
-        for path in sorted(glob.glob(os.path.join(root, name, "*"))):
-            if not path.endswith(IMAGE_EXTENSIONS):
+        for file_name in sorted(tf.io.gfile.listdir(_join(root, name))):
+            if not file_name.endswith(IMAGE_EXTENSIONS):
                 continue
-            key = zlib.crc32(f"{name}/{os.path.basename(path)}".encode()) % 10_000
+            path = _join(root, name, file_name)
+            key = zlib.crc32(f"{name}/{file_name}".encode()) % 10_000
             split = "validation" if key < holdout_fraction * 10_000 else "train"
             files[split].append((path, label, name))
     if not files["train"] and not files["validation"]:
@@ -168,13 +170,13 @@ def parse_imagenet_record(record):
 
 
 def _tfrecord(location, num_classes):
-    if os.path.isdir(location):
-        patterns = {s: os.path.join(location, f"{s}-*") for s in ("train", "validation")}
+    if tf.io.gfile.isdir(location):
+        patterns = {s: _join(location, f"{s}-*") for s in ("train", "validation")}
     elif "{split}" in location:
         patterns = {s: location.format(split=s) for s in ("train", "validation")}
     else:
         patterns = {"train": location, "validation": location}
-    files = {s: sorted(glob.glob(p)) for s, p in patterns.items()}
+    files = {s: sorted(tf.io.gfile.glob(p)) for s, p in patterns.items()}
     files = {s: f for s, f in files.items() if f}
     if not files:
         raise SourceError(f"no TFRecord files match {sorted(set(patterns.values()))}")

@@ -12,7 +12,6 @@ Undecodable files are skipped and counted.
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import time
 from typing import Callable
@@ -20,6 +19,7 @@ from typing import Callable
 import tensorflow as tf
 
 from advprop_tf.data.sources import folder_files
+from advprop_tf.paths import basename, join
 
 
 @dataclasses.dataclass
@@ -58,7 +58,7 @@ def encode_example(path: str, label: int, synset: str):
         "image/width": _feature(width),
         "image/channels": _feature(3),
         "image/colorspace": _feature("RGB"),
-        "image/filename": _feature(os.path.basename(path)),
+        "image/filename": _feature(basename(path)),
     }
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
@@ -72,7 +72,7 @@ def write_tfrecords(root: str, output_dir: str, train_shards: int = 16, validati
     for split, n in shards.items():
         if n < 1:
             raise ValueError(f"--{split}_shards: must be >= 1, got {n}")
-    os.makedirs(output_dir, exist_ok=True)
+    tf.io.gfile.makedirs(output_dir)
     report = WriteReport({}, [], {})
     started, done = time.time(), 0
     total = sum(len(v) for v in splits.values())
@@ -82,7 +82,7 @@ def write_tfrecords(root: str, output_dir: str, train_shards: int = 16, validati
         entries = list(entries)
         random.Random(seed).shuffle(entries)  # classes mixed within every shard
         n = min(shards[split], len(entries))
-        paths = [os.path.join(output_dir, f"{split}-{i:05d}-of-{n:05d}") for i in range(n)]
+        paths = [join(output_dir, f"{split}-{i:05d}-of-{n:05d}") for i in range(n)]
         writers = [tf.io.TFRecordWriter(p + ".tmp") for p in paths]
         written = 0
         for index, (path, label, synset) in enumerate(entries):
@@ -98,7 +98,7 @@ def write_tfrecords(root: str, output_dir: str, train_shards: int = 16, validati
                 progress(f"{done}/{total} images | {rate:.0f} img/s | ETA {int((total - done) / rate)} s")
         for writer, path in zip(writers, paths):
             writer.close()
-            os.replace(path + ".tmp", path)  # a shard appears only when complete
+            tf.io.gfile.rename(path + ".tmp", path, overwrite=True)  # a shard appears only when complete
         report.written[split] = written
         report.files[split] = paths
     return report

@@ -95,7 +95,7 @@ def load_authors_checkpoint(model: EfficientNet, prefix: str, scope: str | None 
     auxiliary BNs start as copies of the main one). Raises CheckpointMismatch
     naming the first missing or mis-shaped variable; nothing is assigned then.
     """
-    reader = tf.train.load_checkpoint(prefix)
+    reader = tf.compat.v1.train.NewCheckpointReader(prefix)  # works on ram:// and gs:// prefixes
     shapes = reader.get_variable_to_shape_map()
     scopes = checkpoint_scopes(shapes)
     scope = scope or model.model_name

@@ -13,12 +13,11 @@ classifier, for a different number of classes.
 
 from __future__ import annotations
 
-import glob
-import os
-
 import tensorflow as tf
 
 from advprop_tf.models.efficientnet import EfficientNet
+from advprop_tf.paths import dirname, join
+from advprop_tf.training.run_dir import RUN_CONFIG, RunDir, checkpoint_reader
 
 
 class InitError(ValueError):
@@ -29,14 +28,15 @@ def resolve_checkpoint(path: str):
     """(checkpoint prefix, run directory or None) of a directory or prefix; InitError if none."""
     if path.endswith(".index"):
         path = path[: -len(".index")]
-    if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "run_config.json")):
-            prefix = tf.train.latest_checkpoint(os.path.join(path, "checkpoints"))
+    path = path.rstrip("/") or path
+    if tf.io.gfile.isdir(path):
+        if RunDir(path).exists(RUN_CONFIG):
+            prefix = RunDir(path).latest_checkpoint()
             if prefix:
                 return prefix, path
         prefix = tf.train.latest_checkpoint(path)
         if not prefix:
-            indexes = sorted(glob.glob(os.path.join(path, "*.index")))
+            indexes = sorted(tf.io.gfile.glob(join(path, "*.index")))
             prefix = indexes[-1][: -len(".index")] if len(indexes) == 1 else None
         if not prefix:
             raise InitError(f"--init_checkpoint: no checkpoint in {path!r}")
@@ -47,8 +47,9 @@ def resolve_checkpoint(path: str):
 
 
 def _run_dir_of(prefix):
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(prefix)))
-    return run_dir if os.path.exists(os.path.join(run_dir, "run_config.json")) else None
+    """The run directory of <run>/checkpoints/ckpt-N, or None."""
+    parent = dirname(dirname(prefix))
+    return parent if RunDir(parent).exists(RUN_CONFIG) else None
 
 
 def initialize_from(model: EfficientNet, path: str, skip_head: bool = False, use_ema: bool = True) -> str:
@@ -57,10 +58,10 @@ def initialize_from(model: EfficientNet, path: str, skip_head: bool = False, use
         keras_application_model(path, model, skip_head)
         return f"Keras applications weights {path}" + (" (head skipped)" if skip_head else "")
     prefix, run_dir = resolve_checkpoint(path)
-    names = {name for name, _ in tf.train.list_variables(prefix)}
+    names = set(checkpoint_reader(prefix).get_variable_to_shape_map())
     if run_dir is None:
         return _from_authors_checkpoint(model, prefix, names, skip_head, use_ema)
-    from advprop_tf.export import ExportError, load_trained
+    from advprop_tf.serving import ExportError, load_trained
 
     try:
         source, _, step = load_trained(run_dir, use_ema=use_ema and any(n.startswith("ema/") for n in names))
@@ -87,7 +88,7 @@ def _from_authors_checkpoint(model, prefix, names, skip_head, use_ema):
         raise InitError(f"--init_checkpoint: {prefix!r} has no run_config.json beside it and no "
                         "authors' EfficientNet variables")
     # Read into a copy with the checkpoint's head, then copy (maybe without the head).
-    head = tf.train.load_checkpoint(prefix).get_variable_to_shape_map().get(f"{scopes[0]}/head/dense/bias")
+    head = checkpoint_reader(prefix).get_variable_to_shape_map().get(f"{scopes[0]}/head/dense/bias")
     config = dict(model.get_config(), domains=["clean"], num_classes=int(head[0]) if head else model.num_classes)
     source = EfficientNet.from_config(config)
     try:
@@ -115,7 +116,7 @@ def keras_application_model(path: str, model: EfficientNet, skip_head: bool) -> 
     if model.input_normalization != "imagenet":
         raise InitError("--input_normalization: Keras applications weights expect ImageNet mean/std; "
                         "pass --input_normalization=imagenet")
-    if not os.path.exists(path):
+    if not tf.io.gfile.exists(path):
         raise InitError(f"--init_checkpoint: {path!r} does not exist")
     constructor = getattr(keras.applications, KERAS_APPLICATIONS[model.model_name])
     size = model.resolution

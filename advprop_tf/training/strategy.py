@@ -35,3 +35,17 @@ def make_strategy(tpu: str = "", num_gpus: int = -1, worker_hosts: str = "", tas
         return tf.distribute.OneDeviceStrategy(gpus[0].name)
     return tf.distribute.get_strategy()
 
+
+
+def multi_worker_resolver(strategy):
+    """The cluster resolver of a MultiWorkerMirroredStrategy spanning several workers, else None."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return None
+    return resolver if resolver.cluster_spec().jobs else None
+
+
+def worker_role(strategy):
+    """(is this worker the chief, its task id): only the chief writes the run directory."""
+    resolver = multi_worker_resolver(strategy)
+    return bool(strategy.extended.should_checkpoint), int(resolver.task_id or 0) if resolver else 0

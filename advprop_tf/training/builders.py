@@ -1,0 +1,95 @@
+"""Pure builders of a run's parts from a config namespace (advprop_tf/config.py).
+
+Each takes what it needs and returns a new object; nothing here reads or
+writes the run directory or picks a strategy. The Trainer (loop.py) calls
+them inside its strategy's scope.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from advprop_tf.config import attack_steps, model_domains
+from advprop_tf.data.sources import parse_source
+from advprop_tf.methods import AttackConfig, get_method, parse_epsilon_schedule
+from advprop_tf.models import build_efficientnet
+from advprop_tf.training.ema import ExponentialMovingAverage
+from advprop_tf.training.optimization import make_optimizer, make_schedule, scaled_learning_rate
+from advprop_tf.training.run_dir import MEANING_FLAGS
+from advprop_tf.training.step import StepConfig, TrainStep
+
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
+
+def synthetic_size(cfg) -> int:
+    """Side of the synthetic images: what the eval crop (0.875) of the model resolution needs."""
+    return int(math.ceil((cfg.resolution or 224) / 0.875))
+
+
+def data_options(cfg) -> dict:
+    """What parse_source needs besides the dataset spec (recorded so that evaluate can reopen it)."""
+    return dict(data_dir=cfg.data_dir, num_classes=cfg.num_classes, holdout_fraction=cfg.holdout_fraction,
+                synthetic_examples=cfg.synthetic_examples, synthetic_size=synthetic_size(cfg))
+
+
+def build_source(cfg):
+    options = data_options(cfg)
+    return parse_source(cfg.dataset, options["data_dir"], options["num_classes"], options["holdout_fraction"],
+                        synthetic_size=options["synthetic_size"],
+                        synthetic_examples=options["synthetic_examples"], seed=0)
+
+
+def meaning_flags(cfg) -> dict:
+    """The flags that fix what a run is (compared on resume)."""
+    return {name: (list(value) if isinstance(value, (list, tuple)) else value)
+            for name in MEANING_FLAGS for value in [getattr(cfg, name)]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Length:
+    steps_per_epoch: int
+    total_steps: int
+
+
+def training_length(cfg, source) -> Length:
+    examples = source.num_examples("train") or cfg.num_train_examples or IMAGENET_TRAIN_EXAMPLES
+    steps_per_epoch = max(1, examples // cfg.train_batch_size)
+    return Length(steps_per_epoch, cfg.train_steps or int(math.ceil(cfg.train_epochs * steps_per_epoch)))
+
+
+def build_model(cfg, num_classes: int):
+    return build_efficientnet(
+        cfg.model, num_classes=num_classes, domains=model_domains(cfg.method, cfg.aux_domains),
+        input_normalization=cfg.input_normalization, resolution=cfg.resolution,
+        width_coefficient=cfg.width_coefficient, depth_coefficient=cfg.depth_coefficient,
+        dropout_rate=cfg.dropout_rate, drop_connect_rate=cfg.drop_connect_rate,
+        synchronized_bn=cfg.sync_bn,
+    )
+
+
+def build_optimization(cfg, model, length: Length):
+    """(learning-rate schedule, optimizer, EMA or None)."""
+    schedule = make_schedule(
+        cfg.lr_schedule, scaled_learning_rate(cfg.train_batch_size, cfg.base_learning_rate),
+        length.steps_per_epoch, length.total_steps, cfg.warmup_epochs, cfg.lr_decay_epochs, cfg.lr_decay_rate,
+    )
+    optimizer = make_optimizer(cfg.optimizer, schedule, model, skip_non_finite=cfg.on_nan == "skip",
+                               loss_scaling=cfg.mixed_precision == "float16")
+    ema = ExponentialMovingAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    return schedule, optimizer, ema
+
+
+def build_train_step(cfg, model, optimizer, ema, strategy, *, num_classes: int, total_steps: int, seed: int):
+    config = StepConfig(
+        global_batch_size=cfg.train_batch_size, num_classes=num_classes,
+        label_smoothing=cfg.label_smoothing, weight_decay=cfg.weight_decay,
+        attack=AttackConfig(cfg.epsilon, attack_steps(cfg), cfg.attack_step_size,
+                            cfg.targeted, cfg.random_start, cfg.attack_bn_mode),
+        epsilon_schedule=tuple(parse_epsilon_schedule(cfg.epsilon_schedule)) if cfg.epsilon_schedule else None,
+        fixed_num_steps=cfg.attack_steps is not None,
+        total_steps=total_steps, clean_weight=cfg.clean_loss_weight,
+        adv_weight=cfg.adv_loss_weight, seed=seed, jit_compile=cfg.jit_compile,
+        skip_non_finite=cfg.on_nan == "skip",
+    )
+    return TrainStep(model, get_method(cfg.method), optimizer, config, strategy, ema)

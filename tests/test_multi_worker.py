@@ -1,0 +1,126 @@
+"""MultiWorkerMirroredStrategy for real: two worker processes on 127.0.0.1.
+
+Phase 1 trains until a SIGTERM to ONE worker (the non-chief): TensorFlow's
+PreemptionCheckpointHandler makes both save after the same step and exit
+cleanly. Phase 2 restarts both: they resume at that exact step, train on,
+evaluate and export. The run directory must hold ONE set of run files, one
+checkpoint series and one export, and no worker's private directory.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import tensorflow as tf
+
+from advprop_tf.training.run_dir import RunDir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = [
+    "--dataset=synthetic", "--synthetic_examples=64", "--width_coefficient=0.25", "--depth_coefficient=0.25",
+    "--resolution=32", "--train_batch_size=8", "--eval_batch_size=16", "--steps_per_loop=1",
+    "--optimizer=sgd", "--lr_schedule=constant", "--base_learning_rate=0.1", "--warmup_epochs=0",
+    "--dropout_rate=0", "--drop_connect_rate=0", "--seed=5", "--ema_decay=0.9", "--shuffle_buffer=16",
+    "--epsilon=1", "--checkpoint_every_steps=2", "--keep_checkpoints=10",
+]
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def launch(model_dir, hosts, extra, logs):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("TF_CONFIG", None)
+    procs = []
+    for index in range(2):
+        log = open(logs / f"worker{index}-{len(list(logs.iterdir()))}.log", "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "advprop_tf.train", f"--model_dir={model_dir}", f"--worker_hosts={hosts}",
+             f"--task_index={index}", *TINY, *extra],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
+        procs[-1].log_path = log.name
+    return procs
+
+
+def finish(procs, timeout):
+    outputs = []
+    deadline = time.time() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail("a worker did not finish in time:\n" + open(proc.log_path).read()[-3000:])
+        outputs.append(open(proc.log_path).read())
+    return outputs
+
+
+def fingerprint(output, pattern):
+    found = re.findall(pattern, output)
+    assert found, output[-3000:]
+    return found[-1]
+
+
+def test_two_workers_preempt_resume_evaluate_export(tmp_path):
+    model_dir = tmp_path / "run"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    hosts = ",".join(f"127.0.0.1:{p}" for p in free_ports(2))
+
+    # -- phase 1: train "forever"; SIGTERM the non-chief once a checkpoint exists
+    procs = launch(model_dir, hosts, ["--train_steps=100000", "--export=false"], logs)
+    deadline = time.time() + 300
+    while not RunDir(str(model_dir)).latest_checkpoint():
+        assert time.time() < deadline and all(p.poll() is None for p in procs), \
+            "\n".join(open(p.log_path).read()[-2000:] for p in procs)
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = finish(procs, 240)
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    saved = [fingerprint(o, r"SIGTERM: saved (\S+) at step (\d+); exiting \(weights fingerprint (\w+)\)")
+             for o in outputs]
+    (chief_path, chief_step, chief_weights), (_, worker_step, worker_weights) = saved
+    assert chief_step == worker_step, "the workers saved after different steps"
+    assert chief_weights == worker_weights, "the workers' weights differ"
+    stopped_at = int(chief_step)
+    assert RunDir(str(model_dir)).latest_checkpoint() == chief_path
+    assert chief_path.endswith(f"ckpt-{stopped_at}") and stopped_at >= 2
+
+    # -- phase 2: restart both; they resume at the exact step, finish, evaluate, export
+    procs = launch(model_dir, hosts, [f"--train_steps={stopped_at + 3}"], logs)
+    outputs = finish(procs, 300)
+    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
+    for output in outputs:
+        assert re.search(rf"resumed from \S+ at step {stopped_at}\b", output), output[-3000:]
+    end = [fingerprint(o, rf"trained to step {stopped_at + 3} \(weights fingerprint (\w+)\)") for o in outputs]
+    assert end[0] == end[1], "the workers' weights differ at the end"
+
+    run = RunDir(str(model_dir))
+    results = run.read_json("eval_results.json")
+    assert results["step"] == stopped_at + 3
+    assert results["examples"] == 200  # the whole synthetic validation split (20 per class), each image once
+    # one set of run files, one checkpoint series, one export, no worker directory left
+    assert sorted(os.listdir(model_dir)) == sorted(
+        ["checkpoints", "eval", "eval_results.json", "export", "run_config.json", "seed.txt", "train",
+         "train_stats.json"])
+    assert os.listdir(model_dir / "export") == ["1"]
+    steps = sorted(int(name.split("-")[1].split(".")[0]) for name in os.listdir(model_dir / "checkpoints")
+                   if name.startswith("ckpt-") and name.endswith(".index"))
+    assert steps[-1] == stopped_at + 3 and stopped_at in steps
+    assert len(steps) == len(set(steps))
+    loaded = tf.saved_model.load(str(model_dir / "export" / "1"))
+    assert loaded.signatures["predict_pixels"](pixels=tf.zeros([1, 32, 32, 3]))["probabilities"].shape == (1, 10)
