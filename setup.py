@@ -3,13 +3,16 @@
 TensorFlow itself is an extra so that each machine installs its own build:
   pip install -e ".[cpu]"   # tensorflow-cpu (laptops, CI)
   pip install -e ".[gpu]"   # tensorflow with CUDA
-  pip install -e ".[tpu]"   # TPU VMs: tensorflow plus the TPU runtime (libtpu)
+  pip install -e ".[tpu]"   # TPU VMs: tensorflow-tpu, which brings its matching libtpu
 or install `tensorflow` yourself and then `pip install -e .`.
 """
 
 from setuptools import find_packages, setup
 
 TF_VERSION = "2.21.*"
+# TensorFlow's TPU build is the `tensorflow-tpu` package (it pins a matching
+# libtpu); its newest release on the package index is 2.20.
+TF_TPU_VERSION = "2.20.*"
 
 setup(
     name="advprop_tf",
@@ -30,7 +33,7 @@ setup(
     extras_require={
         "cpu": [f"tensorflow-cpu=={TF_VERSION}"],
         "gpu": [f"tensorflow[and-cuda]=={TF_VERSION}"],
-        "tpu": [f"tensorflow=={TF_VERSION}", "libtpu"],
+        "tpu": [f"tensorflow-tpu=={TF_TPU_VERSION}"],
         "tools": ["matplotlib>=3.7"],  # the chart of tools/compare_methods.py
         "test": ["pytest>=7", "matplotlib>=3.7"],
     },
