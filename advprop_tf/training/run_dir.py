@@ -140,9 +140,7 @@ class RunDir:
             tf.io.gfile.makedirs(self.path)
             write_json(self.file(name), value)
 
-    def read_json(self, name: str, default=None):
-        if default is not None and not self.exists(name):
-            return default
+    def read_json(self, name: str):
         return read_json(self.file(name))
 
     def read_stats(self) -> dict:
