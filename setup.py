@@ -35,7 +35,9 @@ setup(
         "gpu": [f"tensorflow[and-cuda]=={TF_VERSION}"],
         "tpu": [f"tensorflow-tpu=={TF_TPU_VERSION}"],
         "tools": ["matplotlib>=3.7"],  # the chart of tools/compare_methods.py
-        "test": ["pytest>=7", "matplotlib>=3.7"],
+        # The ImageNet-C code (with its frost images) for --corruption_backend=imagecorruptions.
+        "corruptions": ["imagecorruptions==1.1.2"],
+        "test": ["pytest>=7", "matplotlib>=3.7", "imagecorruptions==1.1.2"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging as std_logging
+import os
 import sys
 
 from absl import app, flags
+from absl import logging
 
 
 def fail(program: str, message: str):
@@ -13,10 +16,28 @@ def fail(program: str, message: str):
     sys.exit(2)
 
 
+class _OursOrWarnings(std_logging.Filter):
+    """Let through this package's log lines and anyone's warnings and errors."""
+
+    package = os.path.dirname(os.path.abspath(__file__))
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or record.pathname.startswith(self.package)
+
+
+def show_only_our_log_lines():
+    """The console shows our INFO lines, not TensorFlow's (e.g. "Sharding callback duration" at
+    every checkpoint, "Assets written to"). TensorFlow's C++ start-up lines printed before its
+    logging is initialized cannot be silenced from Python."""
+    logging.get_absl_handler().addFilter(_OursOrWarnings())
+    std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
+
+
 def run(main, program: str, flag_values=flags.FLAGS):
-    """absl's app.run, with flag-parsing errors reported as one line by `fail`."""
+    """absl's app.run, with flag-parsing errors reported as one line by `fail`, and quiet logs."""
 
     def parse(argv):
+        show_only_our_log_lines()
         try:
             return flag_values(argv)
         except flags.Error as e:

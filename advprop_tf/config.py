@@ -11,9 +11,12 @@ from __future__ import annotations
 from absl import flags
 
 from advprop_tf.attacks.pgd import steps_for_epsilon
+from advprop_tf.data.pipeline import AUGMENTATIONS, VIEWS
 from advprop_tf.data.sources import SOURCE_KINDS
-from advprop_tf.methods import ATTACK_BN_MODES, METHODS, parse_epsilon_schedule
-from advprop_tf.models.efficientnet import INPUT_NORMALIZATIONS, MODEL_NAMES
+from advprop_tf.methods import ATTACK_BN_MODES, METHODS, domain_epsilon, parse_epsilon_schedule
+from advprop_tf.models.base import INPUT_NORMALIZATIONS
+from advprop_tf.training.optimization import SCHEDULES
+from advprop_tf.models.registry import MODEL_NAMES, default_input_normalization
 
 FLAGS = flags.FLAGS
 
@@ -46,12 +49,15 @@ def define_train_flags(flag_values=FLAGS):
     d.DEFINE_float("width_coefficient", None, "Override the model's width multiplier.")
     d.DEFINE_float("depth_coefficient", None, "Override the model's depth multiplier.")
     d.DEFINE_float("dropout_rate", None, "Override the model's head dropout.")
-    d.DEFINE_float("drop_connect_rate", 0.2, "Stochastic depth of the last block.")
-    d.DEFINE_enum("input_normalization", "inception", list(INPUT_NORMALIZATIONS),
-                      "How the model maps [0, 255] pixels: AdvProp checkpoints use inception ([-1, 1]).")
+    d.DEFINE_float("drop_connect_rate", None, "Stochastic depth of the last block; default: the model's "
+                   "(EfficientNet 0.2, ResNet 0).")
+    d.DEFINE_enum("input_normalization", None, list(INPUT_NORMALIZATIONS),
+                  "How the model maps [0, 255] pixels; default: the family's (EfficientNet: inception [-1, 1] "
+                  "as AdvProp's checkpoints, ResNet: imagenet mean/std as the authors' ResNets).")
     d.DEFINE_list("aux_domains", ["adv"],
-                      "Auxiliary BN domains of AdvProp after 'clean': names starting with 'adv' get PGD "
-                      "images, others an input view (randaugment, autoaugment), e.g. autoaugment,adv.")
+                  "Auxiliary BN domains of AdvProp after 'clean': names starting with 'adv' get PGD "
+                  "images (adv: --epsilon; adv<eps>, e.g. adv1,adv2,adv4: one BN per epsilon), others an "
+                  "input view (randaugment, autoaugment), e.g. autoaugment,adv.")
     d.DEFINE_bool("sync_bn", False, "Synchronize BN statistics across replicas.")
     # -- data
     d.DEFINE_string("dataset", "synthetic", f"Data source: {', '.join(k + ':...' for k in SOURCE_KINDS[1:])} or synthetic.")
@@ -59,12 +65,15 @@ def define_train_flags(flag_values=FLAGS):
     d.DEFINE_float("holdout_fraction", 0.0, "folder: fraction of images held out for validation.")
     d.DEFINE_integer("synthetic_examples", 10_000, "synthetic: training examples.")
     d.DEFINE_integer("num_train_examples", None, "Examples per epoch when the source cannot tell (TFRecords: 1281167).")
-    d.DEFINE_enum("augment", "none", ["none", "randaugment", "autoaugment"],
-                  "Augmentation of the clean images: RandAugment (keras-cv) or AutoAugment ImageNet policy v0.")
+    d.DEFINE_enum("augment", "none", list(AUGMENTATIONS),
+                  "Augmentation of the clean images: autoaugment (ImageNet policy v0, the paper's AdvProp "
+                  "setting), randaugment (the authors' RandAugment), or keras_cv_randaugment (keras-cv's, "
+                  "a different algorithm; magnitude <= 10).")
     d.DEFINE_float("crop_min_area", 0.08, "Smallest random crop, as a fraction of the image (authors: 0.08; "
                    "larger values suit short runs on small data).")
     d.DEFINE_integer("randaugment_layers", 2, "RandAugment layers.")
-    d.DEFINE_float("randaugment_magnitude", 10.0, "RandAugment magnitude (authors' scale, 10 = max).")
+    d.DEFINE_float("randaugment_magnitude", 10.0, "RandAugment magnitude on the authors' scale (10 = their "
+                   "_MAX_LEVEL, not a cap: B5 17, B7/B8 28).")
     d.DEFINE_integer("shuffle_buffer", 10_000, "Shuffle buffer (examples).")
     d.DEFINE_integer("seed", None, "Seed for a deterministic input order and attack randomness.")
     # -- method
@@ -74,6 +83,8 @@ def define_train_flags(flag_values=FLAGS):
     d.DEFINE_float("attack_step_size", 1.0, "PGD step in pixels.")
     d.DEFINE_bool("targeted", True, "Attack toward a random wrong class (authors) or not.")
     d.DEFINE_bool("random_start", False, "Start PGD at a random point of the epsilon-ball.")
+    d.DEFINE_float("prob_start_from_clean", 0.2, "With --random_start: the fraction of batches whose attack "
+                   "starts from the clean images instead (the authors' adversarial-training code: 0.2).")
     d.DEFINE_enum("attack_bn_mode", "inference", list(ATTACK_BN_MODES),
                       "BN during the attack: running statistics (authors' adversarial training code), "
                       "or batch statistics that are not written back.")
@@ -86,11 +97,14 @@ def define_train_flags(flag_values=FLAGS):
     d.DEFINE_float("train_epochs", 350.0, "Training length in epochs (ignored if --train_steps).")
     d.DEFINE_integer("train_steps", None, "Training length in steps.")
     d.DEFINE_enum("optimizer", "rmsprop", ["rmsprop", "sgd"], "RMSProp (authors) or SGD+Nesterov.")
-    d.DEFINE_enum("lr_schedule", "exponential", ["exponential", "cosine", "constant"], "Learning-rate schedule.")
+    d.DEFINE_enum("lr_schedule", "exponential", list(SCHEDULES),
+                  "Learning-rate schedule: exponential (EfficientNet), step (ResNet), cosine, constant.")
     d.DEFINE_float("base_learning_rate", 0.016, "Learning rate per 256 images.")
     d.DEFINE_float("warmup_epochs", 5.0, "Linear warm-up.")
     d.DEFINE_float("lr_decay_epochs", 2.4, "Staircase decay period.")
-    d.DEFINE_float("lr_decay_rate", 0.97, "Staircase decay factor.")
+    d.DEFINE_float("lr_decay_rate", 0.97, "Decay factor (exponential: per period; step: per boundary).")
+    d.DEFINE_list("lr_decay_boundaries", [], "step: the epochs at which the lr is multiplied by --lr_decay_rate "
+                  "(the authors' ResNets: 35,70,95 of 110); the warm-up starts at --base_learning_rate.")
     d.DEFINE_float("weight_decay", 1e-5, "L2 on non-BN weights (x sum of l2_loss).")
     d.DEFINE_float("label_smoothing", 0.1, "Label smoothing.")
     d.DEFINE_float("ema_decay", 0.9999, "EMA of weights and BN statistics; 0 disables.")
@@ -159,6 +173,38 @@ def validate_train_flags(f=FLAGS):
         raise FlagError("model_dir", "is required (checkpoints, summaries and the export go there)")
     if f.epsilon < 0:
         raise FlagError("epsilon", f"must be >= 0, got {f.epsilon:g}")
+    if not 0 <= f.prob_start_from_clean <= 1:
+        raise FlagError("prob_start_from_clean", f"must be in [0, 1], got {f.prob_start_from_clean:g}")
+    for name in ("dropout_rate", "drop_connect_rate"):
+        value = getattr(f, name)
+        if value is not None and not 0 <= value < 1:
+            raise FlagError(name, f"must be in [0, 1), got {value:g}")
+    if f.keep_checkpoints < 1:
+        raise FlagError("keep_checkpoints", f"must be >= 1 (the newest checkpoint is what a resume needs), "
+                        f"got {f.keep_checkpoints}")
+    for name in ("clean_loss_weight", "adv_loss_weight"):
+        if getattr(f, name) < 0:
+            raise FlagError(name, f"must be >= 0, got {getattr(f, name):g}")
+    if f.clean_loss_weight == 0 and (f.adv_loss_weight == 0 or f.method == "vanilla"):
+        raise FlagError("clean_loss_weight", "is 0 and no other loss is left to train on")
+    if f.weight_decay < 0:
+        raise FlagError("weight_decay", f"must be >= 0, got {f.weight_decay:g}")
+    if f.base_learning_rate <= 0:
+        raise FlagError("base_learning_rate", f"must be > 0, got {f.base_learning_rate:g}")
+    if f.warmup_epochs < 0:
+        raise FlagError("warmup_epochs", f"must be >= 0, got {f.warmup_epochs:g}")
+    if f.eval_every_steps < 0 or f.eval_steps < 0:
+        flag = "eval_every_steps" if f.eval_every_steps < 0 else "eval_steps"
+        raise FlagError(flag, f"must be >= 0, got {getattr(f, flag)}")
+    if f.randaugment_magnitude < 0:
+        raise FlagError("randaugment_magnitude", f"must be >= 0, got {f.randaugment_magnitude:g}")
+    if f.randaugment_layers < 1:
+        raise FlagError("randaugment_layers", f"must be >= 1, got {f.randaugment_layers}")
+    if f.augment == "keras_cv_randaugment" and f.randaugment_magnitude > 10:
+        raise FlagError("randaugment_magnitude", f"keras-cv's RandAugment caps it at 10, got "
+                        f"{f.randaugment_magnitude:g}; --augment=randaugment (the authors') takes any magnitude")
+    if f.tpu and f.worker_hosts:
+        raise FlagError("worker_hosts", "contradicts --tpu: a TPU pod slice finds its hosts itself")
     if f.attack_step_size <= 0:
         raise FlagError("attack_step_size", f"must be > 0, got {f.attack_step_size:g}")
     if f.attack_steps is not None and f.attack_steps < 1 and f.epsilon > 0:
@@ -193,9 +239,20 @@ def validate_train_flags(f=FLAGS):
         if not any(d.startswith("adv") for d in f.aux_domains):
             raise FlagError("aux_domains", f"AdvProp needs an adversarial domain (a name starting with 'adv'), got {f.aux_domains}")
         for d in f.aux_domains:
-            if not d.startswith("adv") and d not in ("randaugment", "autoaugment"):
+            if not d.startswith("adv") and d not in VIEWS:
                 raise FlagError("aux_domains", f"{d!r} is neither adversarial (adv...) nor an input view "
-                                "(randaugment, autoaugment)")
+                                f"({', '.join(VIEWS)})")
+            if d.startswith("adv"):
+                try:
+                    domain_epsilon(d)
+                except ValueError as e:
+                    raise FlagError("aux_domains", str(e)) from None
+            if d == f.augment:
+                raise FlagError("aux_domains", f"the view {d!r} is what --augment={f.augment} already does to "
+                                "the clean images: its BN would see the same distribution as the main one")
+        if f.epsilon_schedule and "adv" not in f.aux_domains:
+            raise FlagError("epsilon_schedule", f"schedules the epsilon of the domain 'adv', which "
+                            f"--aux_domains={','.join(f.aux_domains)} does not have")
     if f.mixed_precision == "float16" and f.tpu:
         raise FlagError("mixed_precision", "float16 is for GPUs; use bfloat16 on TPU")
     if f.tpu and f.num_gpus > 0:
@@ -216,11 +273,19 @@ def validate_train_flags(f=FLAGS):
         if not (path.endswith(".index") or _exists(path, "init_checkpoint")
                 or _exists(path + ".index", "init_checkpoint")):
             raise FlagError("init_checkpoint", f"{path!r} does not exist")
-        if path.endswith(".h5") and f.input_normalization != "imagenet":
+        if path.endswith(".h5") and input_normalization(f) != "imagenet":
             raise FlagError("input_normalization", "Keras applications weights expect ImageNet mean/std; "
                             "pass --input_normalization=imagenet")
     elif f.init_skip_head:
         raise FlagError("init_skip_head", "needs --init_checkpoint")
+    if f.lr_schedule == "step":
+        try:
+            boundaries = [float(e) for e in f.lr_decay_boundaries]
+        except ValueError:
+            raise FlagError("lr_decay_boundaries", f"must be epochs (numbers), got {','.join(f.lr_decay_boundaries)}") from None
+        if not boundaries or boundaries != sorted(boundaries) or boundaries[0] <= 0:
+            raise FlagError("lr_decay_boundaries", "--lr_schedule=step needs increasing positive epochs, "
+                            f"e.g. 35,70,95; got {','.join(f.lr_decay_boundaries) or 'none'}")
     if not 0 < f.crop_min_area <= 1:
         raise FlagError("crop_min_area", f"must be in (0, 1], got {f.crop_min_area:g}")
     if not 0 <= f.holdout_fraction < 1:
@@ -235,6 +300,11 @@ def _exists(path: str, flag: str) -> bool:
         return tf.io.gfile.exists(path)
     except tf.errors.OpError as e:  # an unknown scheme, missing credentials, an unreachable bucket
         raise FlagError(flag, f"cannot check {path!r}: {e.message.splitlines()[0]}") from None
+
+
+def input_normalization(f=FLAGS) -> str:
+    """--input_normalization, or the model family's default."""
+    return f.input_normalization or default_input_normalization(f.model)
 
 
 def attack_steps(f=FLAGS) -> int:

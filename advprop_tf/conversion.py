@@ -34,15 +34,17 @@ def convert(source: str, model_name: str, output: str, advprop: bool = False, us
     """Convert `source` into the directory `output`; returns a summary. Raises ConvertError."""
     from advprop_tf.serving import export
     from advprop_tf.training.run_dir import RUN_CONFIG, RunDir, checkpoint_reader, make_run_config
-    from advprop_tf.models import MODEL_NAMES, build_efficientnet
+    from advprop_tf.models import EFFICIENTNET_NAMES, build_efficientnet
+    from advprop_tf.models.base import WeightsByPath
     from advprop_tf.models.authors_checkpoint import CheckpointMismatch, checkpoint_scopes, load_authors_checkpoint
     from advprop_tf.training.ema import ExponentialMovingAverage
 
     for flag, value in (("source", source), ("model", model_name), ("output", output)):
         if not value:
             raise ConvertError(f"--{flag}: is required")
-    if model_name not in MODEL_NAMES:
-        raise ConvertError(f"--model: unknown model {model_name!r}; valid: {', '.join(MODEL_NAMES)}")
+    if model_name not in EFFICIENTNET_NAMES:
+        raise ConvertError(f"--model: the authors' checkpoints are EfficientNets, not {model_name!r}; "
+                           f"valid: {', '.join(EFFICIENTNET_NAMES)}")
     run_dir = RunDir(output)
     if run_dir.latest_checkpoint():
         raise ConvertError(f"--output: {output!r} already holds a checkpoint; not overwriting it")
@@ -87,7 +89,7 @@ def convert(source: str, model_name: str, output: str, advprop: bool = False, us
     run_dir.write_json(RUN_CONFIG, make_run_config(model, [], "converted", None,
                                                    {"source": requested, "use_ema": use_ema}))
     ema = ExponentialMovingAverage(model)  # shadows = the converted values: export/evaluate read them
-    path = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, ema=ema), run_dir.checkpoint_dir, 1).save(
+    path = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, model_weights=WeightsByPath(model), ema=ema), run_dir.checkpoint_dir, 1).save(
         checkpoint_number=0)
     summary += (f"\nwrote {path} ({model.model_name}, {model.num_classes} classes, "
                 f"input normalization {model.input_normalization})")

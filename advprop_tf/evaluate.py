@@ -4,9 +4,14 @@ Measures one network the way the paper does and prints a table:
   clean top-1 / top-5;
   --attack=pgd --epsilon=4 --num_steps=5 --step_size=1 [--targeted]: accuracy under
       PGD on the evaluated network itself (and the targeted attack's success rate);
-  --corruptions=all|name,... --severities=1,2,3,4,5: ImageNet-C style corruptions
-      generated on the fly; per-corruption accuracy, mean corruption accuracy, and
-      with --reference_results=<json of a reference model> the mCE.
+  --corruptions=all|name,... --severities=1,2,3,4,5: corrupted images, per-corruption
+      accuracy and mean corruption accuracy, from --corruption_backend:
+        ingraph (default): our ImageNet-C-style corruptions generated on the fly (quick,
+          not ImageNet-C's numbers; an mCE only relative to --reference_results=<json>);
+        imagecorruptions: the ImageNet-C code on any dataset (pip install -e ".[corruptions]");
+        tfds: the prepared TFDS imagenet2012_corrupted/<name>_<severity> datasets.
+      The last two with all 15 corruptions x 5 severities give the ImageNet-C mCE
+      (AlexNet-normalized, the paper's): --corruption_backend=tfds --corruptions=all.
 Results go to --output (JSON; default <model_dir>/evaluation_<domain>.json, or
 evaluation_<version>.json beside a SavedModel).
 
@@ -29,6 +34,7 @@ from advprop_tf import cli  # noqa: E402
 
 from advprop_tf.attacks.pgd import steps_for_epsilon  # noqa: E402
 from advprop_tf.data.corruptions import parse_corruptions, parse_severities  # noqa: E402
+from advprop_tf.data.imagenet_c import BACKENDS, IMAGENET_C_CORRUPTIONS  # noqa: E402
 from advprop_tf.data.sources import SOURCE_KINDS  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -41,10 +47,12 @@ def define_flags(fv=FLAGS):
     d("string", "model_dir", None, "Training directory to evaluate (newest checkpoint).")
     d("string", "saved_model", None, "Or: an exported SavedModel directory (export/<version>).")
     d("string", "domain", None, "BN domain of a training directory (default clean; adv = the robust one).")
-    d("bool", "use_ema", True, "Evaluate the EMA averages (as exported) rather than the raw weights.")
+    d("bool", "use_ema", None, "Evaluate the EMA averages (as exported) rather than the raw weights "
+      "(default: when the run kept an EMA).")
     d("string", "dataset", None, f"Data source ({', '.join(SOURCE_KINDS)}); default: the training data.")
     d("string", "data_dir", None, "Location for tfrecord/folder sources, or TFDS data_dir.")
-    d("string", "split", "validation", "Split to evaluate: validation (TFDS: or test) or train.")
+    d("string", "split", None, "Split to evaluate: validation (TFDS: or test) or train. Default: validation; "
+      "for a --dataset=folder:<dir> without --holdout_fraction, all of its images.")
     d("float", "holdout_fraction", None, "folder: held-out fraction (default: as trained).")
     d("integer", "num_classes", None, "tfrecord: classes (default 1000).")
     d("integer", "synthetic_examples", None, "synthetic: training examples, which fix the validation split's "
@@ -58,6 +66,9 @@ def define_flags(fv=FLAGS):
     d("bool", "targeted", True, "Attack toward a random wrong class (the authors') or untargeted.")
     d("bool", "random_start", False, "Start PGD at a random point of the epsilon-ball.")
     d("string", "corruptions", "", "all, or a comma-separated list of corruption names.")
+    d("enum", "corruption_backend", "ingraph", list(BACKENDS),
+      "ingraph (ImageNet-C-style, quick), imagecorruptions (the ImageNet-C code) or tfds "
+      "(imagenet2012_corrupted, the 75 prepared configurations).")
     d("list", "severities", ["1", "2", "3", "4", "5"], "Corruption severities, 1..5.")
     d("string", "reference_results", None, "JSON results of a reference model, for the mCE.")
     d("string", "label_subset", "none", "none, auto (classes present in the split) or a file of class ids.")
@@ -67,6 +78,17 @@ def define_flags(fv=FLAGS):
 
 class UsageError(ValueError):
     """A bad flag: the message starts with its name."""
+
+
+def _imagenet_c_names(text):
+    text = (text or "").strip()
+    if text == "all":
+        return IMAGENET_C_CORRUPTIONS
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    for name in names:
+        if name not in IMAGENET_C_CORRUPTIONS:
+            raise ValueError(f"unknown ImageNet-C corruption {name!r}; valid: all, {', '.join(IMAGENET_C_CORRUPTIONS)}")
+    return names
 
 
 def validate(f=FLAGS):
@@ -90,9 +112,19 @@ def validate(f=FLAGS):
     if f.num_steps is not None and f.num_steps < 1:
         raise UsageError(f"--num_steps: must be >= 1, got {f.num_steps}")
     try:
-        corruptions = parse_corruptions(f.corruptions)
+        if f.corruption_backend == "ingraph":
+            corruptions = parse_corruptions(f.corruptions)
+        else:
+            corruptions = _imagenet_c_names(f.corruptions)
     except ValueError as e:
         raise UsageError(f"--corruptions: {e}") from None
+    if f.corruption_backend != "ingraph" and not corruptions:
+        raise UsageError(f"--corruptions: --corruption_backend={f.corruption_backend} needs corruptions, e.g. all")
+    if f.corruption_backend == "imagecorruptions":
+        try:
+            import imagecorruptions  # noqa: F401
+        except ImportError:
+            raise UsageError('--corruption_backend: imagecorruptions is not installed; pip install -e ".[corruptions]"') from None
     try:
         severities = parse_severities(f.severities)
     except ValueError as e:
@@ -149,16 +181,22 @@ def run(f=FLAGS, log=print):
     if not dataset_spec:
         raise UsageError(f"--dataset: is required ({f.model_dir!r} does not record its training data)")
     data_dir = f.data_dir if f.data_dir is not None else (None if f.dataset else options.get("data_dir"))
-    holdout = f.holdout_fraction if f.holdout_fraction is not None else options.get("holdout_fraction", 0.0)
+    if f.holdout_fraction is not None:
+        holdout = f.holdout_fraction
+    else:  # the training data's own holdout; another dataset given here has none
+        holdout = 0.0 if f.dataset else options.get("holdout_fraction", 0.0)
+    split = f.split
+    if split is None:  # a folder given for evaluation, without a holdout: every image is evaluation data
+        split = "train" if f.dataset and f.dataset.partition(":")[0] == "folder" and holdout == 0 else "validation"
     try:
         source = parse_source(
             dataset_spec, data_dir, f.num_classes or options.get("num_classes"), holdout,
             synthetic_size=options.get("synthetic_size", int(math.ceil(classifier.resolution / 0.875))),
             synthetic_examples=f.synthetic_examples or options.get("synthetic_examples", 10_000), seed=0,
         )
-        if f.split not in source.splits:
-            raise UsageError(f"--split: {dataset_spec!r} has no split {f.split!r}; it has {source.splits}")
-        subset = _label_subset(f.label_subset, source, f.split)
+        if split not in source.splits:
+            raise UsageError(f"--split: {dataset_spec!r} has no split {split!r}; it has {source.splits}")
+        subset = _label_subset(f.label_subset, source, split)
     except SourceError as e:
         raise UsageError(f"--dataset: {e}") from None
     label_map = None
@@ -172,21 +210,47 @@ def run(f=FLAGS, log=print):
     if f.attack == "pgd":
         steps = f.num_steps if f.num_steps is not None else steps_for_epsilon(f.epsilon)
         attack = evaluation.AttackSpec(f.epsilon, steps, f.step_size, f.targeted, f.random_start)
-    # Padded to full batches (label -1, not counted): every batch has one shape, one trace.
-    data = eval_dataset(source, classifier.resolution, f.batch_size, split=f.split, pad_to_batch=True)
-    total = source.num_examples(f.split)
-    if f.max_batches:
-        total = min(total or f.max_batches * f.batch_size, f.max_batches * f.batch_size)
-    results = evaluation.evaluate(
-        classifier, data, attack=attack, corruptions=corruptions, severities=severities, seed=f.seed,
-        num_examples=total, max_batches=f.max_batches or None, label_map=label_map, progress=log,
-    )
-    results.update(dataset=dataset_spec, split=f.split)
-    if reference is not None:
+    def measure(source, split, **kwargs):
+        # Padded to full batches (label -1, not counted): every batch has one shape, one trace.
+        data = eval_dataset(source, classifier.resolution, f.batch_size, split=split, pad_to_batch=True)
+        total = source.num_examples(split)
+        if f.max_batches:
+            total = min(total or f.max_batches * f.batch_size, f.max_batches * f.batch_size)
+        return evaluation.evaluate(classifier, data, seed=f.seed, num_examples=total,
+                                   max_batches=f.max_batches or None, label_map=label_map, progress=log, **kwargs)
+
+    on_the_fly = corruptions if f.corruption_backend != "tfds" else ()
+    corrupt_fn = {}
+    if f.corruption_backend == "imagecorruptions":
+        from advprop_tf.data.imagenet_c import corrupt_exact
+
+        corrupt_fn = {"corrupt_fn": corrupt_exact}
+    results = measure(source, split, attack=attack, corruptions=on_the_fly, severities=severities, **corrupt_fn)
+    results.update(dataset=dataset_spec, split=split)
+    if f.corruption_backend == "tfds":
+        results.update(evaluation.tfds_corruptions(
+            lambda name, severity: measure(_tfds_source(name, severity, data_dir, f), "validation"),
+            corruptions, severities, log))
+    results["corruption_backend"] = f.corruption_backend
+    if corruptions and f.corruption_backend != "ingraph" and len(corruptions) == 15 and len(severities) == 5:
+        from advprop_tf.data.imagenet_c import mce
+
+        results["mce"] = mce({n: v["accuracy"] for n, v in results["corruptions"].items()})
+    elif reference is not None:
         results["mce"] = evaluation.corruption_errors(results, reference)
     output = f.output or _default_output(f, classifier)
     write_json(output, results)
     return results, output
+
+
+def _tfds_source(name, severity, data_dir, f):
+    from advprop_tf.data.imagenet_c import tfds_name
+    from advprop_tf.data.sources import SourceError, parse_source
+
+    try:
+        return parse_source(f"tfds:{tfds_name(name, severity)}", data_dir)
+    except SourceError as e:
+        raise UsageError(f"--corruption_backend: {e}") from None
 
 
 def _default_output(f, classifier):

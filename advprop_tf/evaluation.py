@@ -56,12 +56,12 @@ def topk_counts(logits, labels, k: int):
 
 
 # ------------------------------------------------------------------ loading
-def classifier_from_model_dir(model_dir: str, domain: str = "clean", use_ema: bool = True) -> Classifier:
+def classifier_from_model_dir(model_dir: str, domain: str = "clean", use_ema: bool | None = None) -> Classifier:
     """The training model of `model_dir`, routed through `domain`'s BN, in inference mode."""
     from advprop_tf.serving import ExportError, load_trained
 
     try:
-        model, run, step = load_trained(model_dir, use_ema, domain)
+        model, run, step, use_ema = load_trained(model_dir, use_ema, domain)
     except ExportError as e:
         raise EvaluationError(str(e)) from None
     spec = tf.TensorSpec([None, model.resolution, model.resolution, 3], tf.float32)
@@ -142,7 +142,7 @@ def evaluate(classifier: Classifier, dataset, *, attack: AttackSpec | None = Non
              corruptions: Sequence[str] = (), severities: Sequence[int] = (1, 2, 3, 4, 5),
              seed: int = 0, num_examples: int | None = None, max_batches: int | None = None,
              label_map: Callable | None = None, progress: Callable[[str], None] | None = None,
-             strategy: tf.distribute.Strategy | None = None) -> dict:
+             strategy: tf.distribute.Strategy | None = None, corrupt_fn: Callable = corrupt) -> dict:
     """One pass over `dataset` (batches of pixels, labels); returns the results dict.
 
     This is THE evaluation loop: the trainer calls it with its strategy and a
@@ -150,7 +150,9 @@ def evaluate(classifier: Classifier, dataset, *, attack: AttackSpec | None = Non
     across replicas and workers), the evaluate CLI with a plain dataset.
     Labels -1 mark padding and are not counted. Randomness (attack targets
     and start, corruption noise) is seeded by (seed, batch index, replica):
-    the same seed and batch size give the same numbers.
+    the same seed and batch size give the same numbers. `corrupt_fn` makes
+    the corrupted images: our in-graph ImageNet-C-style ones by default, or
+    the ImageNet-C code's (data/imagenet_c.corrupt_exact, CPU only).
     """
     strategy = strategy or tf.distribute.get_strategy()
     k = min(5, classifier.num_classes)
@@ -181,7 +183,7 @@ def evaluate(classifier: Classifier, dataset, *, attack: AttackSpec | None = Non
         valid = tf.cast(labels >= 0, tf.float32)[None]
         rows = []
         for name in corruptions:
-            corrupted = tf.concat([corrupt(images, name, s, batch_seed) for s in severities], axis=0)
+            corrupted = tf.concat([corrupt_fn(images, name, s, batch_seed) for s in severities], axis=0)
             predictions = tf.reshape(tf.argmax(logits_fn(corrupted), -1, output_type=tf.int32),
                                      [len(severities), -1])
             correct = tf.cast(tf.equal(predictions, tf.maximum(labels, 0)[None]), tf.float32) * valid
@@ -254,6 +256,23 @@ def _progress_line(done: int, total: int | None, seconds: float, finished: bool 
     return line
 
 
+def tfds_corruptions(measure: Callable, corruptions, severities, log=print) -> dict:
+    """Accuracy on each prepared corrupted dataset: measure(name, severity) -> evaluate() results.
+
+    Returns {"corruptions": {name: {"accuracy": {s: a}, "mean_accuracy": m}}, "mean_corruption_accuracy"},
+    the shape evaluate() gives on-the-fly corruptions.
+    """
+    per_name = {}
+    for name in corruptions:
+        accuracy = {}
+        for severity in severities:
+            log(f"{name} severity {severity}")
+            accuracy[severity] = measure(name, severity)["clean"]["top_1"]
+        per_name[name] = {"accuracy": accuracy, "mean_accuracy": float(np.mean(list(accuracy.values())))}
+    return {"corruptions": per_name,
+            "mean_corruption_accuracy": float(np.mean([v["mean_accuracy"] for v in per_name.values()]))}
+
+
 # --------------------------------------------------------------------- mCE
 def corruption_errors(results: dict, reference: dict) -> dict:
     """ImageNet-C's corruption error: CE_c = sum_s E(f, c, s) / sum_s E(ref, c, s); mCE = mean_c CE_c.
@@ -294,13 +313,18 @@ def results_table(results: dict) -> str:
         if p["targeted"]:
             lines.append(f"  target success rate {p['target_success_rate']:.4f}")
     if "corruptions" in results:
+        exact = results.get("corruption_backend", "ingraph") != "ingraph"
+        kind = "ImageNet-C" if exact else "ImageNet-C-style"
         severities = list(next(iter(results["corruptions"].values()))["accuracy"])
+        lines.append(f"{kind} ({results.get('corruption_backend', 'ingraph')})")
         lines.append("corruption         " + " ".join(f"   s{s}" for s in severities) + "   mean")
         for name, entry in results["corruptions"].items():
             values = " ".join(f"{entry['accuracy'][s]:.3f}" for s in severities)
             ce = results.get("mce", {}).get("corruption_error", {}).get(name)
             lines.append(f"{name:18s} {values}  {entry['mean_accuracy']:.3f}" + (f"  CE {ce:.1f}" if ce else ""))
-        lines.append(f"mean corruption accuracy {results['mean_corruption_accuracy']:.4f}")
+        lines.append(f"mean {kind} corruption accuracy {results['mean_corruption_accuracy']:.4f}")
         if results.get("mce"):
-            lines.append(f"mCE {results['mce']['mce']:.1f}")
+            reference = results["mce"].get("reference")
+            lines.append(f"mCE {results['mce']['mce']:.1f} (" + (f"{reference}: comparable with the papers)"
+                         if reference else f"{kind}, relative to --reference_results)"))
     return "\n".join(lines)

@@ -23,7 +23,8 @@ def define_flags():
     flags.DEFINE_string("model_dir", None, "Training directory (checkpoints, run_config.json).")
     flags.DEFINE_string("export_dir", None, "Where versioned SavedModels go (default: <model_dir>/export).")
     flags.DEFINE_string("domain", "clean", "BN domain to export: clean (main) or an auxiliary one, e.g. adv.")
-    flags.DEFINE_bool("use_ema", True, "Export the EMA averages (as evaluated) rather than the raw weights.")
+    flags.DEFINE_bool("use_ema", None, "Export the EMA averages (as evaluated) rather than the raw weights "
+                      "(default: when the run kept an EMA).")
     flags.DEFINE_integer("version", None, "Version sub-directory (default: next free integer).")
 
 

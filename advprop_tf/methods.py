@@ -27,9 +27,11 @@ from typing import Callable
 
 import tensorflow as tf
 
-from advprop_tf.attacks.pgd import pgd
+from advprop_tf.attacks.pgd import pgd, steps_for_epsilon
 
 ATTACK_BN_MODES = ("batch", "inference")
+# Float16 input gradients of a summed cross-entropy are small enough to underflow; PGD only needs their sign.
+FLOAT16_ATTACK_LOSS_SCALE = 1024.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,10 @@ class AttackConfig:
     targeted: bool = True
     random_start: bool = False
     attack_bn_mode: str = "inference"
+    prob_start_from_clean: float = 0.0  # with random_start: batches that start clean (authors: 0.2)
+    # num_steps given explicitly (--attack_steps): kept for every epsilon. Otherwise a scheduled
+    # epsilon or a domain's own (adv2) sets its steps by steps_for_epsilon.
+    fixed_num_steps: bool = False
 
     def __post_init__(self):
         if self.epsilon < 0:
@@ -60,6 +66,8 @@ class AttackConfig:
             raise ValueError(f"step_size must be > 0, got {self.step_size}")
         if self.num_steps < 0 or (self.num_steps == 0 and self.epsilon > 0):
             raise ValueError(f"num_steps must be >= 1 when epsilon > 0, got {self.num_steps}")
+        if not 0.0 <= self.prob_start_from_clean <= 1.0:
+            raise ValueError(f"prob_start_from_clean must be in [0, 1], got {self.prob_start_from_clean}")
         if self.attack_bn_mode not in ATTACK_BN_MODES:
             raise ValueError(
                 f"attack_bn_mode must be one of {ATTACK_BN_MODES}, got {self.attack_bn_mode!r}"
@@ -86,13 +94,47 @@ def is_adversarial_domain(name: str) -> bool:
     return name.startswith("adv")
 
 
+def domain_epsilon(name: str):
+    """The epsilon an adversarial domain's name fixes ("adv2" -> 2.0, "adv0.5" -> 0.5), or None ("adv").
+
+    Fine-grained AdvProp as several auxiliary BNs: --aux_domains=adv1,adv2,adv4
+    makes one PGD copy per domain, each with its own epsilon, through its own BN.
+    """
+    suffix = name[len("adv"):]
+    if not suffix:
+        return None
+    try:
+        epsilon = float(suffix)
+    except ValueError:
+        raise ValueError(f"adversarial domain {name!r}: after 'adv' comes an epsilon in pixels, "
+                         "e.g. adv2 or adv0.5") from None
+    if not epsilon > 0 or epsilon != epsilon:
+        raise ValueError(f"adversarial domain {name!r}: its epsilon must be > 0")
+    return epsilon
+
+
 def clean_view(images):
     return images["clean"] if isinstance(images, dict) else images
 
 
 def attack(model, pixels, labels, domain, ctx: StepContext):
-    """PGD through `domain`'s BN, in the configured BN mode, without side effects."""
+    """PGD through `domain`'s BN, in the configured BN mode, without side effects.
+
+    A domain named with its epsilon ("adv2") attacks with it; "adv" uses the
+    configured (or scheduled) epsilon. A float16 network's attack loss is scaled.
+    """
     cfg = ctx.attack
+    own_epsilon = domain_epsilon(domain) if is_adversarial_domain(domain) else None
+    if own_epsilon is not None:
+        epsilon = own_epsilon
+        num_steps = cfg.num_steps if cfg.fixed_num_steps else steps_for_epsilon(own_epsilon)
+    else:
+        epsilon = cfg.epsilon if ctx.epsilon is None else ctx.epsilon
+        num_steps = cfg.num_steps if ctx.num_steps is None else ctx.num_steps
+    seed = ctx.seed
+    adversarial = [d for d in model.domains if is_adversarial_domain(d)]
+    if seed is not None and domain in adversarial[1:]:  # the k-th adversarial domain: its own targets and start
+        seed = seed + tf.constant([0, 104729], tf.int32) * adversarial.index(domain)
 
     def logits_fn(x):
         return model(x, training=False, domain=domain, bn_mode=cfg.attack_bn_mode)
@@ -102,13 +144,15 @@ def attack(model, pixels, labels, domain, ctx: StepContext):
             logits_fn,
             pixels,
             labels,
-            epsilon=cfg.epsilon if ctx.epsilon is None else ctx.epsilon,
-            num_steps=cfg.num_steps if ctx.num_steps is None else ctx.num_steps,
+            epsilon=epsilon,
+            num_steps=num_steps,
             step_size=cfg.step_size,
             targeted=cfg.targeted,
             random_start=cfg.random_start,
             num_classes=model.num_classes,
-            seed=ctx.seed,
+            seed=seed,
+            prob_start_from_clean=cfg.prob_start_from_clean,
+            loss_scale=FLOAT16_ATTACK_LOSS_SCALE if model.compute_dtype == "float16" else 1.0,
         )
 
 

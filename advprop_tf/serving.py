@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
 
 from advprop_tf.data.preprocessing import is_decodable_image, preprocess_eval
-from advprop_tf.models.efficientnet import EfficientNet
+from advprop_tf.models.base import MultiDomainNetwork, WeightsByPath
+from advprop_tf.models.registry import model_from_config
 from advprop_tf.models.transfer import copy_weights
 from advprop_tf.paths import join
 from advprop_tf.training.run_dir import RunDir, RunDirError, checkpoint_reader, publish_directory
@@ -44,12 +46,12 @@ def float32_policy():
         keras.mixed_precision.set_global_policy(previous)
 
 
-def inference_network(trained: EfficientNet, domain: str) -> EfficientNet:
+def inference_network(trained: MultiDomainNetwork, domain: str) -> MultiDomainNetwork:
     """A float32, one-BN-set copy of `trained` whose BNs hold `domain`'s statistics and affine weights."""
     if domain not in trained.domains:
         raise ExportError(f"--domain: unknown domain {domain!r}; the model has {trained.domains}")
     with float32_policy():
-        network = EfficientNet.from_config(dict(trained.get_config(), domains=["clean"]))
+        network = model_from_config(dict(trained.get_config(), domains=["clean"]))
     copy_weights(trained, network, domain_of=lambda _: domain)
     return network
 
@@ -57,7 +59,7 @@ def inference_network(trained: EfficientNet, domain: str) -> EfficientNet:
 class ServingModule(tf.Module):
     """The exported object: the inference network and its two signatures."""
 
-    def __init__(self, network: EfficientNet, assets: dict):
+    def __init__(self, network: MultiDomainNetwork, assets: dict):
         super().__init__(name="advprop_serving")
         self.network = network
         self.resolution = network.resolution
@@ -102,10 +104,18 @@ def next_version(export_dir):
     return max(versions, default=0) + 1
 
 
-def load_trained(model_dir, use_ema=True, domain=None):
+class Trained(NamedTuple):
+    model: MultiDomainNetwork
+    run: dict  # run_config.json
+    step: int
+    ema: bool  # whether the EMA averages were applied
+
+
+def load_trained(model_dir, use_ema=None, domain=None) -> Trained:
     """The training model (all domains) of `model_dir`'s newest checkpoint, EMA values applied.
 
-    Returns (model, run_config, step). Raises ExportError naming the flag on a
+    use_ema: True, False, or None for "the EMA when the run kept one" (the
+    authors' ResNet recipe has none). Raises ExportError naming the flag on a
     bad directory, a missing checkpoint or EMA, or an unknown `domain`.
     """
     from advprop_tf.training.ema import ExponentialMovingAverage
@@ -119,24 +129,27 @@ def load_trained(model_dir, use_ema=True, domain=None):
     if not latest:
         raise ExportError(f"--model_dir: no checkpoint in {run_dir.chief_checkpoint_dir!r}")
     with float32_policy():
-        trained = EfficientNet.from_config(run["model"])
+        trained = model_from_config(run["model"])
     if domain is not None and domain not in trained.domains:
         raise ExportError(f"--domain: unknown domain {domain!r}; the model has {tuple(trained.domains)}")
-    tracked = {"model": trained}
+    tracked = {"model": trained, "model_weights": WeightsByPath(trained)}
     ema = None
+    has_ema = any(name.startswith("ema/") for name in checkpoint_reader(latest).get_variable_to_shape_map())
+    if use_ema is None:
+        use_ema = has_ema
     if use_ema:
-        if not any(name.startswith("ema/") for name in checkpoint_reader(latest).get_variable_to_shape_map()):
+        if not has_ema:
             raise ExportError("--use_ema: the checkpoint holds no EMA (trained with --ema_decay=0); pass --use_ema=false")
         ema = tracked["ema"] = ExponentialMovingAverage(trained)
     tf.train.Checkpoint(**tracked).read(latest).expect_partial().assert_existing_objects_matched()
     if ema is not None:
         ema.copy_to(trained)
-    return trained, run, int(latest.rsplit("-", 1)[1])
+    return Trained(trained, run, int(latest.rsplit("-", 1)[1]), bool(use_ema))
 
 
-def export(model_dir, export_dir, domain="clean", use_ema=True, version=None):
+def export(model_dir, export_dir, domain="clean", use_ema=None, version=None):
     """Write the SavedModel; returns its directory. Raises ExportError, writing nothing, on bad requests."""
-    trained, run, step = load_trained(model_dir, use_ema, domain)
+    trained, run, step, use_ema = load_trained(model_dir, use_ema, domain)
     version = next_version(export_dir) if version is None else int(version)
     target = join(export_dir, str(version))
     if tf.io.gfile.exists(target):

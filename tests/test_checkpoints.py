@@ -99,7 +99,7 @@ def test_converted_checkpoint_reproduces_the_ema_network(authors_checkpoint, tmp
     summary = convert(os.path.dirname(prefix), SCOPE, str(tmp_path / "ema"), advprop=True, **TINY)
     assert f"({len(names)} from EMA shadows)" in summary
     assert "unused checkpoint variables (not optimizer slots): global_step" in summary
-    converted, _, _ = load_trained(str(tmp_path / "ema"))
+    converted, _, _, _ = load_trained(str(tmp_path / "ema"))
     assert converted.input_normalization == "inception"
     expected = source(pixels, training=False).numpy()
     np.testing.assert_allclose(converted(pixels, training=False).numpy(), expected, rtol=0, atol=1e-5)
@@ -109,7 +109,7 @@ def test_converted_checkpoint_reproduces_the_ema_network(authors_checkpoint, tmp
     values = dict(names)
     for name, variable in authors_variables(raw_source):
         variable.assign(values[name] + 0.5)  # what write_tf1_checkpoint stored as the raw weights
-    raw, _, _ = load_trained(str(tmp_path / "raw"))
+    raw, _, _, _ = load_trained(str(tmp_path / "raw"))
     np.testing.assert_allclose(raw(pixels, training=False).numpy(), raw_source(pixels, training=False).numpy(),
                                rtol=0, atol=1e-5)
     assert np.abs(raw(pixels, training=False).numpy() - expected).max() > 1e-3
@@ -215,3 +215,18 @@ def test_keras_weight_file_loads_with_imagenet_normalization(tmp_path):
     fresh = build_efficientnet(SCOPE, num_classes=3, input_normalization="imagenet", resolution=32)
     initialize_from(fresh, path, skip_head=True)
     np.testing.assert_array_equal(np.asarray(fresh.stem_conv.kernel), np.asarray(keras_model.get_layer("stem_conv").kernel))
+
+
+def test_a_checkpoint_holds_every_model_weight_not_only_what_the_optimizer_references(tmp_path):
+    """Keras 3 hides list-held blocks and dict-held BN variables from tf.train.Checkpoint."""
+    from advprop_tf.models.base import WeightsByPath
+    from tests.helpers import tiny_model
+
+    model, fresh = tiny_model(), tiny_model()
+    rng = np.random.default_rng(0)
+    for variable in model.weights:
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    path = tf.train.Checkpoint(model=model, model_weights=WeightsByPath(model)).write(str(tmp_path / "ckpt"))
+    tf.train.Checkpoint(model=fresh, model_weights=WeightsByPath(fresh)).read(path).assert_existing_objects_matched()
+    for saved, restored in zip(model.weights, fresh.weights):
+        np.testing.assert_array_equal(saved.numpy(), restored.numpy(), err_msg=saved.path)

@@ -20,13 +20,13 @@ def test_compare_methods_on_the_synthetic_set(tmp_path):
     cmd = [sys.executable, "tools/compare_methods.py", "--config=configs/demo.flags",
            *[f"--override={o}" for o in overrides], f"--output_dir={tmp_path}",
            "--corruptions=gaussian_noise,contrast", "--severities=1,5", "--eval_max_batches=1",
-           "--eval_batch_size=16", "--methods=vanilla,advprop"]
+           "--eval_batch_size=16", "--methods=adversarial_then_clean,advprop"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "comparison.md").read_text()
-    assert "| method | clean top-1 | PGD-3 ε=2 acc. | mean corruption acc. | training time | images/s |" in table
+    assert "| method | clean top-1 | PGD-3 ε=2 acc. | mean ImageNet-C-style corruption acc. | training time | images/s |" in table
     rows = [line for line in table.splitlines() if line.startswith("| ") and "method" not in line]
-    assert [row.split("|")[1].strip() for row in rows] == ["vanilla", "advprop"]
+    assert [row.split("|")[1].strip() for row in rows] == ["adversarial_then_clean", "advprop"]
     assert "Command: `python tools/compare_methods.py --config=configs/demo.flags" in table
     assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.load(open(tmp_path / "comparison.json"))
@@ -38,7 +38,15 @@ def test_compare_methods_on_the_synthetic_set(tmp_path):
     # Each method trained its own model: the auxiliary BN exists only in AdvProp's.
     domains = {row["method"]: json.load(open(os.path.join(row["model_dir"], "run_config.json")))["model"]["domains"]
                for row in summary["rows"]}
-    assert domains == {"vanilla": ["clean"], "advprop": ["clean", "adv"]}
+    assert domains == {"adversarial_then_clean": ["clean"], "advprop": ["clean", "adv"]}
+    # the paper's fourth baseline: adversarial pre-training (3 of the 4 steps), then clean fine-tuning
+    # (1 step) that started from the pre-trained weights
+    recipe = tmp_path / "adversarial_then_clean"
+    for stage, method, steps in (("pretrain", "adversarial", 3), ("finetune", "vanilla", 1)):
+        assert json.load(open(recipe / stage / "run_config.json"))["method"] == method
+        assert json.load(open(recipe / stage / "train_stats.json"))["steps"] == steps
+    assert "initialized from" in result.stdout + result.stderr
+    assert summary["rows"][0]["model_dir"] == str(recipe / "finetune")
 
 
 def test_compare_methods_names_a_bad_method(tmp_path):

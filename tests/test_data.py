@@ -257,7 +257,7 @@ def test_autoaugment_policy_v0_is_the_authors():
 def test_autoaugment_operations_on_known_images():
     from PIL import Image, ImageOps
 
-    from advprop_tf.data import autoaugment as aa
+    from advprop_tf.data import augment_ops as aa
 
     rng = np.random.default_rng(0)
     skewed = (rng.uniform(0, 1, (32, 32, 3)) ** 2 * 255).astype(np.uint8)
@@ -268,7 +268,9 @@ def test_autoaugment_operations_on_known_images():
     np.testing.assert_array_equal(aa.solarize(image, 128.0).numpy(),
                                   np.where(skewed < 128, skewed, 255 - skewed))
     np.testing.assert_array_equal(aa.posterize(image, 2).numpy(), skewed & 0b11000000)
-    np.testing.assert_array_equal(aa.posterize(image, 0).numpy(), 0)  # the authors' level-2 posterize: black
+    # uint8 shifts out of [0, 7] are clamped by TensorFlow in the authors' code: 0 bits keeps the top bit
+    np.testing.assert_array_equal(aa.posterize(image, 0).numpy(), skewed & 0b10000000)
+    np.testing.assert_array_equal(aa.posterize(image, 11).numpy(), skewed)
     square = tf.constant(np.arange(48, dtype=np.float32).reshape(4, 4, 3))
     np.testing.assert_array_equal(aa.rotate(square, tf.constant(90.0)).numpy(), tf.image.rot90(square).numpy())
     shifted = aa.translate_y(square, tf.constant(1.0)).numpy()
@@ -330,3 +332,33 @@ def test_images_to_tfrecords_writes_the_authors_format(image_folder, tmp_path):
     source = parse_source(f"tfrecord:{tmp_path / 'records'}", num_classes=3)
     labels = sorted(int(label) for _, label in source.dataset("validation"))
     assert labels == sorted(entry for _, entry in folder.dataset("validation"))  # same held-out images, 0-based
+
+
+def corrupt_folder(root, good=6):
+    """`good` decodable JPEGs in 2 classes, one file with a bad header and one whose header and end
+    marker pass the quick check but whose decode fails."""
+    rng = np.random.default_rng(0)
+    for i in range(good):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        write_image(root / f"c{i % 2}" / f"{i}.jpg", rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    (root / "c0" / "bad_header.jpg").write_bytes(b"not an image at all")
+    valid = tf.io.encode_jpeg(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).numpy()
+    (root / "c1" / "bad_body.jpg").write_bytes(valid[:200] + b"\x00" * 50 + b"\xff\xd9")
+    return root
+
+
+def test_undecodable_images_are_counted_once_per_file_not_once_per_epoch(tmp_path):
+    from advprop_tf.data.pipeline import DecodeStats
+
+    source = parse_source(f"folder:{corrupt_folder(tmp_path / 'images')}")
+    assert source.num_examples("train") == 8
+    stats = DecodeStats()
+    batches = train_dataset(source, 32, 2, seed=1, stats=stats, shuffle_buffer=8)
+    labels = [l.numpy() for _, l in batches.take(12)]  # 24 images: four passes over the 6 good ones
+    assert len(labels) == 12 and int(stats.skipped.numpy()) == 2
+    # a resumed pipeline (no saved iterator) that skips the first pass counts nothing again
+    resumed_stats = DecodeStats()
+    resumed_stats.skipped.assign(2)
+    resumed = train_dataset(source, 32, 2, seed=1, stats=resumed_stats, skip_examples=8, shuffle_buffer=8)
+    list(resumed.take(6))
+    assert int(resumed_stats.skipped.numpy()) == 2

@@ -6,14 +6,14 @@ import pytest
 import tensorflow as tf
 
 from advprop_tf.models import (
-    MODEL_NAMES,
+    EFFICIENTNET_NAMES,
     EfficientNet,
     MultiBatchNormalization,
     build_efficientnet,
     round_filters,
     round_repeats,
 )
-from advprop_tf.models.efficientnet import IMAGENET_MEAN, IMAGENET_STD
+from advprop_tf.models.base import IMAGENET_MEAN, IMAGENET_STD
 from advprop_tf.models.keras_weights import copy_keras_application_weights
 from tests.helpers import tiny_model
 
@@ -124,12 +124,12 @@ def test_unknown_model_name_lists_valid_names():
         build_efficientnet("efficientnet-b9")
     with pytest.raises(ValueError, match="input_normalization"):
         build_efficientnet("efficientnet-b0", input_normalization="caffe")
-    assert len(MODEL_NAMES) == 10
+    assert len(EFFICIENTNET_NAMES) == 10
 
 
 def test_input_normalizations():
     pixels = tf.constant([[[[0.0, 127.5, 255.0]]]])
-    from advprop_tf.models.efficientnet import normalize_pixels
+    from advprop_tf.models.base import normalize_pixels
 
     np.testing.assert_allclose(normalize_pixels(pixels, "inception")[0, 0, 0], [-1.0, 0.0, 1.0], atol=1e-6)
     expected = (np.array([0.0, 127.5, 255.0]) - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)

@@ -180,3 +180,61 @@ def test_cli_without_checkpoint_exits_2_with_one_line(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("advprop_tf.evaluate: error:")]
     assert lines == [f"advprop_tf.evaluate: error: --model_dir: no checkpoint in '{tmp_path}/checkpoints'"]
     assert "Traceback" not in result.stderr
+
+
+def test_a_folder_made_for_evaluation_is_evaluated_whole_without_split_flags(trained, tmp_path):
+    model_dir, _ = trained
+    rng = np.random.default_rng(0)
+    for index in range(5):
+        folder = tmp_path / "eval_images" / f"class{index % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+        tf.io.write_file(str(folder / f"{index}.jpg"), tf.io.encode_jpeg(image))
+    results, _ = evaluate_cli.run(cli_flags(f"--model_dir={model_dir}", f"--dataset=folder:{tmp_path / 'eval_images'}",
+                                            f"--output={tmp_path / 'f.json'}"), log=lambda line: None)
+    assert results["examples"] == 5
+
+
+def test_the_imagecorruptions_backend_gives_the_papers_mce_over_15_by_5(trained, tmp_path):
+    model_dir, _ = trained
+    results, _ = evaluate_cli.run(cli_flags(
+        f"--model_dir={model_dir}", "--corruption_backend=imagecorruptions", "--corruptions=all",
+        "--max_batches=1", "--batch_size=4", f"--output={tmp_path / 'c.json'}"), log=lambda line: None)
+    assert results["corruption_backend"] == "imagecorruptions" and len(results["corruptions"]) == 15
+    assert results["mce"]["reference"].startswith("AlexNet")
+    errors = {n: sum(1 - a for a in v["accuracy"].values()) for n, v in results["corruptions"].items()}
+    assert results["mce"]["corruption_error"]["fog"] == pytest.approx(100 * errors["fog"] / (5 * 0.819324))
+    assert "ImageNet-C (imagecorruptions)" in evaluation_table(results)
+
+
+def evaluation_table(results):
+    from advprop_tf.evaluation import results_table
+
+    return results_table(results)
+
+
+def test_the_tfds_backend_evaluates_each_prepared_corrupted_dataset(trained, tmp_path):
+    import tensorflow_datasets as tfds
+
+    model_dir, _ = trained
+    opened = []
+    from advprop_tf import evaluate as module
+
+    real = module._tfds_source
+
+    def recording(name, severity, data_dir, f):
+        opened.append((name, severity))
+        return real(name, severity, data_dir, f)
+
+    module._tfds_source = recording
+    try:
+        with tfds.testing.mock_data(num_examples=4):
+            results, _ = evaluate_cli.run(cli_flags(
+                f"--model_dir={model_dir}", "--corruption_backend=tfds", "--corruptions=gaussian_noise,contrast",
+                "--severities=1,5", "--batch_size=4", f"--output={tmp_path / 't.json'}"), log=lambda line: None)
+    finally:
+        module._tfds_source = real
+    assert opened == [("gaussian_noise", 1), ("gaussian_noise", 5), ("contrast", 1), ("contrast", 5)]
+    assert set(results["corruptions"]) == {"gaussian_noise", "contrast"}
+    assert all(0 <= a <= 1 for v in results["corruptions"].values() for a in v["accuracy"].values())
+    assert "mce" not in results  # 2 of 15 corruptions: no mCE is claimed

@@ -160,3 +160,96 @@ def test_advprop_learns_the_synthetic_set():
     model, step = train_tiny("advprop", steps=300)
     assert int(step.global_step.numpy()) == 300
     assert accuracy(model) > 0.35
+
+
+def make_bns_differ(model, domain="adv", seed=0):
+    """Give `domain`'s BNs other statistics, gamma and beta than the main BN."""
+    rng = np.random.default_rng(seed)
+    for layer in model.bn_layers():
+        for key, variable in layer.domain_variables(domain).items():
+            low, high = {"gamma": (0.5, 1.5), "beta": (-0.3, 0.3), "moving_mean": (-0.5, 0.5),
+                         "moving_variance": (0.5, 2.0)}[key]
+            variable.assign(rng.uniform(low, high, variable.shape).astype("float32"))
+
+
+class RecordingModel:
+    """Forwards everything to a model and records each call's input and keywords."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, pixels, **kwargs):
+        self.calls.append((pixels, kwargs))
+        return self.model(pixels, **kwargs)
+
+
+def test_the_training_attack_goes_through_the_auxiliary_bn_not_the_main_one():
+    from advprop_tf.attacks.pgd import pgd
+
+    model, reference = twin_models()
+    make_bns_differ(model), make_bns_differ(reference)
+    x, y = batch()
+    ctx = context(epsilon=4, num_steps=2, step_size=2)
+    recorder = RecordingModel(model)
+    get_method("advprop")(recorder, x, y, ctx)
+    training_inputs, kwargs = [(p, k) for p, k in recorder.calls if k.get("training")][-1]
+    assert kwargs["domain"] == ("clean", "adv")
+    trained_adv = tf.split(training_inputs, 2)[1].numpy()
+
+    def through(domain):
+        return pgd(lambda p: reference(p, training=False, domain=domain, bn_mode="inference"), x, y,
+                   epsilon=4, num_steps=2, step_size=2, num_classes=10, seed=ctx.seed).numpy()
+
+    np.testing.assert_allclose(trained_adv, through("adv"), atol=1e-4)
+    assert np.abs(trained_adv - through("clean")).max() >= 1.0  # the main BN would give other images
+    # the forward pass moved each domain's statistics with its own half only
+    reference(x, training=True, domain="clean")
+    reference(through("adv"), training=True, domain="adv")
+    for domain in ("clean", "adv"):
+        got, want = moving_stats(model, domain), moving_stats(reference, domain)
+        for path in want:
+            np.testing.assert_allclose(got[path], want[path], rtol=1e-5, atol=1e-5, err_msg=path)
+
+
+def test_fine_grained_advprop_as_several_bns_each_with_its_own_epsilon(monkeypatch):
+    import advprop_tf.methods as methods
+
+    model = tiny_model(domains=("clean", "adv1", "adv2", "adv4"), **NO_DROPOUT)
+    x, y = batch()
+    calls = []
+    real_pgd = methods.pgd
+    monkeypatch.setattr(methods, "pgd", lambda *a, **k: calls.append(k) or real_pgd(*a, **k))
+    recorder = RecordingModel(model)
+    total, metrics = get_method("advprop")(recorder, x, y, context(epsilon=1, num_steps=1, step_size=1))
+    assert [(k["epsilon"], k["num_steps"]) for k in calls] == [(1.0, 1), (2.0, 3), (4.0, 5)]
+    attack_domains = {k["domain"] for _, k in recorder.calls if not k.get("training")}
+    assert attack_domains == {"adv1", "adv2", "adv4"}
+    inputs, kwargs = [(p, k) for p, k in recorder.calls if k.get("training")][-1]
+    assert kwargs["domain"] == ("clean", "adv1", "adv2", "adv4")
+    clean, *advs = tf.split(inputs, 4)
+    for epsilon, adv in zip((1, 2, 4), advs):
+        distance = np.abs(adv.numpy() - clean.numpy()).max()
+        assert epsilon - 1 < distance <= epsilon + 1e-4
+    assert {"adv1_loss", "adv2_loss", "adv4_loss"} <= set(metrics)
+
+
+def test_a_float16_network_attacks_with_a_scaled_loss(monkeypatch):
+    import keras
+
+    import advprop_tf.methods as methods
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = tiny_model(**NO_DROPOUT)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    calls = []
+    real_pgd = methods.pgd
+    monkeypatch.setattr(methods, "pgd", lambda *a, **k: calls.append(k) or real_pgd(*a, **k))
+    x, y = batch()
+    attack(model, x, y, "adv", context())
+    attack(tiny_model(**NO_DROPOUT), x, y, "adv", context())
+    assert [k["loss_scale"] for k in calls] == [methods.FLOAT16_ATTACK_LOSS_SCALE, 1.0]

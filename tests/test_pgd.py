@@ -25,8 +25,42 @@ def ce(model, x, labels):
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)).numpy()
 
 
-def test_steps_for_epsilon_is_the_papers_pairing():
-    assert [steps_for_epsilon(e) for e in (0, 1, 2, 3, 4)] == [0, 1, 3, 4, 5]
+def test_steps_for_epsilon_is_the_papers_pairing_and_one_rule_for_numbers_and_tensors():
+    epsilons = (0, 0.25, 0.5, 1, 1.5, 2, 2.5, 3, 4, 16)
+    want = [0, 1, 1, 1, 3, 3, 4, 4, 5, 17]
+    assert [steps_for_epsilon(e) for e in epsilons] == want
+    assert [int(steps_for_epsilon(tf.constant(float(e)))) for e in epsilons] == want
+    with pytest.raises(ValueError, match="epsilon must be >= 0"):
+        steps_for_epsilon(-1)
+
+
+def test_a_fraction_of_random_start_batches_starts_from_the_clean_images():
+    x = tf.fill([2, 4, 4, 3], 100.0)
+    y = tf.constant([0, 1])
+    # zero-gradient logits: PGD does not move, so the result is its start
+    starts = [pgd(lambda p: tf.zeros([2, 3]) + 0.0 * tf.reduce_sum(p), x, y, 8, 1, 1.0, targeted=False,
+                  random_start=True, seed=(5, i), prob_start_from_clean=0.2).numpy() for i in range(200)]
+    clean = sum(np.array_equal(s, x.numpy()) for s in starts)
+    assert 20 <= clean <= 60  # ~0.2 of the batches (binomial 200 x 0.2: 40 +- 6)
+    assert all(np.abs(s - 100).max() <= 8 for s in starts)
+    never = [pgd(lambda p: tf.zeros([2, 3]) + 0.0 * tf.reduce_sum(p), x, y, 8, 1, 1.0, targeted=False,
+                 random_start=True, seed=(5, i)).numpy() for i in range(20)]
+    assert not any(np.array_equal(s, x.numpy()) for s in never)
+
+
+def test_float16_attack_loss_is_scaled_so_tiny_gradients_keep_their_sign():
+    weights = tf.constant(np.random.default_rng(0).normal(size=(48, 3)).astype(np.float32))
+
+    def logits_fn(pixels):  # a float16 network whose input gradients are ~1e-8: below float16's range
+        features = tf.reshape(tf.cast(pixels, tf.float16), [2, 48]) * tf.constant(1e-3, tf.float16)
+        return tf.cast(tf.matmul(features, tf.cast(weights, tf.float16)) * tf.constant(1e-5, tf.float16), tf.float32)
+
+    x = tf.fill([2, 4, 4, 3], 100.0)
+    y = tf.constant([0, 1])
+    unscaled = pgd(logits_fn, x, y, 2, 1, 2.0, targeted=False, seed=(1, 1)).numpy()
+    scaled = pgd(logits_fn, x, y, 2, 1, 2.0, targeted=False, seed=(1, 1), loss_scale=1024.0).numpy()
+    np.testing.assert_array_equal(unscaled, x.numpy())  # the signs underflowed to 0: no attack at all
+    assert np.abs(scaled - x.numpy()).min() == 2.0  # every pixel moved by the step
 
 
 @pytest.mark.parametrize("eps,steps,random_start", [(4, 5, True), (2, 3, False), (8, 10, True)])

@@ -43,3 +43,6 @@ def test_readme_main_command_runs_to_completion(tmp_path):
     assert os.path.isdir(tmp_path / "export" / "1")  # and it exported the main-BN model
     assert "final: top-1" in result.stdout
     assert "img/s" in result.stdout and "ETA" in result.stdout
+    # our lines, not TensorFlow's INFO chatter (it logged this at every checkpoint)
+    assert "Sharding callback duration" not in result.stdout + result.stderr
+    assert "INFO:tensorflow" not in result.stdout + result.stderr

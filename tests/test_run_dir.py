@@ -139,6 +139,6 @@ def test_a_bfloat16_run_exports_a_float32_saved_model(tmp_path):
     assert tf.float32.as_datatype_enum in dtypes and tf.bfloat16.as_datatype_enum not in dtypes
     loaded = tf.saved_model.load(trainer.export_path)
     pixels = tf.random.stateless_uniform([2, 32, 32, 3], [1, 2], 0, 255)
-    model, _, _ = load_trained(str(tmp_path))
+    model, _, _, _ = load_trained(str(tmp_path))
     np.testing.assert_allclose(loaded.signatures["predict_pixels"](pixels=pixels)["logits"].numpy(),
                                model(pixels, training=False).numpy(), rtol=1e-5, atol=1e-5)

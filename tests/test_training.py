@@ -249,6 +249,7 @@ BAD_FLAGS = [
     (["--method=vanilla", "--epsilon_schedule=0:1"], "--epsilon_schedule: contradicts --method=vanilla"),
     (["--mixed_precision=float16", "--tpu=local"], "--mixed_precision: float16 is for GPUs"),
     (["--epsilon=abc"], "flag --epsilon=abc"),
+    (["--dropout_rate=1.5"], "--dropout_rate: must be in [0, 1), got 1.5"),
     (["--no_such_flag=1"], "no_such_flag"),
 ]
 
@@ -309,3 +310,16 @@ def test_float16_training_step_uses_loss_scaling():
         pytest.fail("no update went through in 20 float16 steps")
     assert float(optimizer.dynamic_scale) < 2.0**15
     assert all(v.dtype == "float32" for v in model.weights)
+
+
+def test_the_corrupt_image_count_survives_a_resume_and_does_not_grow_with_epochs(tmp_path):
+    from tests.test_data import corrupt_folder
+
+    images = corrupt_folder(tmp_path / "images")
+    config = dict(dataset=f"folder:{images}", train_batch_size=2, steps_per_loop=1, checkpoint_every_steps=3,
+                  export=False, eval_every_steps=0)
+    first = run_training(tiny_config(tmp_path / "run", train_steps=3, **config))
+    assert int(first.decode_stats.skipped.numpy()) == 2  # the first pass (3 batches of the 6 good images)
+    resumed = run_training(tiny_config(tmp_path / "run", train_steps=9, **config))  # two more passes
+    assert resumed.train_step.current_step == 9
+    assert int(resumed.decode_stats.skipped.numpy()) == 2

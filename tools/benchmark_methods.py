@@ -33,7 +33,7 @@ def main(argv):
 
     from advprop_tf.benchmarking import time_interleaved
     from advprop_tf.methods import AttackConfig, get_method
-    from advprop_tf.models import build_efficientnet
+    from advprop_tf.models import build_model
     from advprop_tf.training.optimization import make_optimizer, make_schedule
     from advprop_tf.training.step import StepConfig, TrainStep
 
@@ -43,7 +43,7 @@ def main(argv):
 
     def make(method, pgd_steps):
         domains = ("clean", "adv") if method == "advprop" else ("clean",)
-        model = build_efficientnet(FLAGS.model, num_classes=FLAGS.num_classes, domains=domains)
+        model = build_model(FLAGS.model, num_classes=FLAGS.num_classes, domains=domains)
         optimizer = make_optimizer("rmsprop", make_schedule("constant", 0.01, 100, 100, 0), model)
         attack = AttackConfig(epsilon=pgd_steps, num_steps=pgd_steps, step_size=1.0,
                               attack_bn_mode=FLAGS.attack_bn_mode)

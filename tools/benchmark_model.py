@@ -1,23 +1,24 @@
-"""Training-step time of our EfficientNet against keras.applications, in one process.
+"""Training-step time of our networks against their keras.applications twin, in one process.
 
 Prints per-step times and two ratios:
-  ours_vs_keras: our one-domain B0 / keras.applications.EfficientNetB0;
+  ours_vs_keras: our one-domain model / keras.applications' (EfficientNetB0..B7, ResNet50/101/152;
+                 Keras' ResNets are v1: stride on the 1x1 conv, conv biases, ~7% fewer FLOPs than v1.5);
   split_vs_single: two-domain model on a concatenated clean+adv batch with
                    domain=("clean", "adv") / one-domain model on the same batch.
 
   python tools/benchmark_model.py --resolution=224 --batch_size=16
+  python tools/benchmark_model.py --model=resnet-50 --resolution=224 --batch_size=16
 """
 
 import json
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "efficientnet-b0", "Model variant (b0..b7 have a Keras twin).")
+flags.DEFINE_string("model", "efficientnet-b0", "Model with a Keras twin: efficientnet-b0..b7, resnet-50/101/152.")
 flags.DEFINE_integer("resolution", 224, "Input size in pixels.")
 flags.DEFINE_integer("batch_size", 16, "Global batch size (split model: half clean, half adv).")
 flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
@@ -53,21 +54,26 @@ def main(argv):
     import tensorflow as tf
 
     from advprop_tf.benchmarking import time_interleaved
-    from advprop_tf.models import build_efficientnet
+    from advprop_tf.cli import fail
+    from advprop_tf.models import build_model
     from advprop_tf.models.keras_weights import KERAS_APPLICATIONS
+
+    twins = {**KERAS_APPLICATIONS, "resnet-50": "ResNet50", "resnet-101": "ResNet101", "resnet-152": "ResNet152"}
+    if FLAGS.model not in twins:
+        fail("benchmark_model", f"--model: no keras.applications twin for {FLAGS.model!r}; valid: {', '.join(twins)}")
 
     size, batch = FLAGS.resolution, FLAGS.batch_size
     if batch % 2:
-        sys.exit("--batch_size must be even (half clean, half adversarial)")
+        fail("benchmark_model", "--batch_size: must be even (half clean, half adversarial)")
     pixels = tf.random.uniform([batch, size, size, 3], 0, 255)
     labels = tf.random.uniform([batch], 0, 1000, tf.int32)
 
-    keras_model = getattr(keras.applications, KERAS_APPLICATIONS[FLAGS.model])(
+    keras_model = getattr(keras.applications, twins[FLAGS.model])(
         weights=None, input_shape=(size, size, 3)
     )
     keras_model.layers[-1].activation = keras.activations.linear  # logits, like ours
-    ours_one = build_efficientnet(FLAGS.model, domains=("clean",))
-    ours_two = build_efficientnet(FLAGS.model, domains=("clean", "adv"))
+    ours_one = build_model(FLAGS.model, domains=("clean",))
+    ours_two = build_model(FLAGS.model, domains=("clean", "adv"))
 
     steps = {
         "keras": make_train_step(keras_model, {}, FLAGS.jit_compile),

@@ -1,4 +1,4 @@
-"""Train vanilla, mixed, adversarial and AdvProp from one config and compare them side by side.
+"""Train vanilla, mixed, adversarial, AdvProp and adversarial-then-clean from one config, compare them.
 
   python tools/compare_methods.py --config=configs/imagenette.flags \
       --override=--dataset=folder:../shared/data/imagenette-train --override=--train_epochs=3 \
@@ -8,6 +8,9 @@ Each method trains (in this process, one after the other) into <output_dir>/<met
 with the config plus the overrides; a method whose directory already holds a
 finished run (train_stats.json at the final step) is not trained again, so an
 interrupted comparison resumes, and --model_dirs=method=dir,... takes existing runs.
+adversarial_then_clean is the paper's fourth baseline (Sec. 3, Fig. 2): adversarial
+pre-training for (1 - --finetune_fraction) of the training length into <method>/pretrain,
+then clean (vanilla) fine-tuning from its weights for the rest into <method>/finetune.
 Every run is then measured by advprop_tf.evaluate (EMA weights, main BN) on its
 validation split: clean top-1, PGD accuracy, mean corruption accuracy. Writes
 <output_dir>/comparison.md (table), comparison.json and comparison.png (chart,
@@ -28,7 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
-METHODS = ("vanilla", "mixed", "adversarial", "advprop")
+METHODS = ("vanilla", "mixed", "adversarial", "advprop", "adversarial_then_clean")
+# A recipe: (training method, share of the training length) per stage, each from the previous one's weights.
+RECIPES = {"adversarial_then_clean": ("adversarial", "vanilla")}
 
 flags.DEFINE_string("config", None, "Base training flagfile (configs/*.flags).")
 flags.DEFINE_multi_string("override", [], "A training flag overriding the config, e.g. --override=--train_steps=100.")
@@ -43,6 +48,8 @@ flags.DEFINE_string("corruptions", "all", "Corruptions of the evaluation (all or
 flags.DEFINE_list("severities", ["1", "2", "3", "4", "5"], "Corruption severities.")
 flags.DEFINE_integer("eval_batch_size", 64, "Evaluation batch.")
 flags.DEFINE_integer("eval_max_batches", 0, "Evaluate only this many batches (0: the whole split).")
+flags.DEFINE_float("finetune_fraction", 0.25, "adversarial_then_clean: the share of the training length "
+                   "spent on clean fine-tuning.")
 FLAGS = flags.FLAGS
 
 
@@ -68,6 +75,24 @@ def training_flags(config, overrides, method, model_dir):
     except (flags.Error, train_config.FlagError) as e:
         raise CompareError(f"training flags for {method}: {str(e).splitlines()[0]}") from None
     return train_config.config_from_flags(fv)
+
+
+def recipe_stages(config, overrides, recipe, model_dir):
+    """The configs of a recipe's stages: the training length split by --finetune_fraction, each
+    stage initialized from the previous one's run directory."""
+    from advprop_tf.paths import join
+
+    first, second = RECIPES[recipe]
+    pretrain = training_flags(config, overrides, first, join(model_dir, "pretrain"))
+    finetune = training_flags(config, overrides, second, join(model_dir, "finetune"))
+    if pretrain.train_steps:
+        finetune.train_steps = max(1, int(round(pretrain.train_steps * FLAGS.finetune_fraction)))
+        pretrain.train_steps = max(1, pretrain.train_steps - finetune.train_steps)
+    else:
+        finetune.train_epochs = pretrain.train_epochs * FLAGS.finetune_fraction
+        pretrain.train_epochs = pretrain.train_epochs - finetune.train_epochs
+    finetune.init_checkpoint = pretrain.model_dir  # exists once the first stage has trained
+    return [pretrain, finetune]
 
 
 def finished(model_dir):
@@ -98,6 +123,13 @@ def train(method, cfg):
     return trainer.run_dir.read_stats()
 
 
+def combined(stage_stats):
+    """Training time and throughput of all of a method's stages together."""
+    seconds = sum(s["train_seconds"] for s in stage_stats)
+    images = sum(s["train_seconds"] * (s["images_per_second"] or 0.0) for s in stage_stats)
+    return {"train_seconds": seconds, "images_per_second": images / seconds if seconds else None}
+
+
 def measure(method, model_dir):
     from advprop_tf import evaluate as evaluate_cli
 
@@ -115,7 +147,7 @@ def measure(method, model_dir):
 
 
 def markdown_table(rows, pgd_label):
-    lines = ["| method | clean top-1 | " + pgd_label + " | mean corruption acc. | training time | images/s |",
+    lines = ["| method | clean top-1 | " + pgd_label + " | mean ImageNet-C-style corruption acc. | training time | images/s |",
              "|---|---|---|---|---|---|"]
     for row in rows:
         minutes = row["train_seconds"] / 60
@@ -141,7 +173,7 @@ def write_chart(rows, path, pgd_label):
     import numpy as np
 
     metrics = [("clean_top_1", "clean top-1"), ("pgd_accuracy", pgd_label),
-               ("mean_corruption_accuracy", "mean corruption acc.")]
+               ("mean_corruption_accuracy", "mean ImageNet-C-style corruption acc.")]
     x = np.arange(len(rows))
     width = 0.8 / len(metrics)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
@@ -174,6 +206,8 @@ def compare():
     for method in FLAGS.methods:
         if method not in METHODS:
             raise CompareError(f"--methods: unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if not 0 < FLAGS.finetune_fraction < 1:
+        raise CompareError(f"--finetune_fraction: must be in (0, 1), got {FLAGS.finetune_fraction:g}")
     existing = {}
     for item in FLAGS.model_dirs:
         method, _, path = item.partition("=")
@@ -181,16 +215,21 @@ def compare():
             raise CompareError(f"--model_dirs: {item!r} is not method=<existing directory> for a compared method")
         existing[method] = path
     started = time.time()
-    configs = {m: training_flags(FLAGS.config, FLAGS.override, m,
-                                 existing.get(m, join(FLAGS.output_dir, m)))
-               for m in FLAGS.methods}  # all validated before the first one trains
+    stages = {}  # all validated before the first one trains
+    for m in FLAGS.methods:
+        model_dir = existing.get(m, join(FLAGS.output_dir, m))
+        if m in RECIPES and m not in existing:
+            stages[m] = recipe_stages(FLAGS.config, FLAGS.override, m, model_dir)
+        else:
+            stages[m] = [training_flags(FLAGS.config, FLAGS.override, RECIPES.get(m, (m,))[-1], model_dir)]
     rows = []
     for method in FLAGS.methods:
-        cfg = configs[method]
+        cfg = stages[method][-1]
         if method in existing and not RunDir(cfg.model_dir).read_stats():
             stats = {"train_seconds": 0.0, "images_per_second": None}
         else:
-            stats = train(method, cfg)
+            stats = combined([train(f"{method}:{c.method}" if len(stages[method]) > 1 else method, c)
+                              for c in stages[method]])
         results = measure(method, cfg.model_dir)
         rows.append({
             "method": method, "model_dir": cfg.model_dir, "clean_top_1": results["clean"]["top_1"],

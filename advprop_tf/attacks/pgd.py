@@ -12,6 +12,7 @@ training.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import tensorflow as tf
@@ -20,20 +21,18 @@ PIXEL_MIN = 0.0
 PIXEL_MAX = 255.0
 
 
-def steps_for_epsilon(epsilon) -> int:
-    """The paper's pairing: n = epsilon + 1 iterations, except n = 1 for epsilon = 1."""
-    epsilon = int(epsilon)
-    if epsilon < 0:
-        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-    if epsilon == 0:
-        return 0
-    return 1 if epsilon == 1 else epsilon + 1
+def steps_for_epsilon(epsilon):
+    """The ONE step-count rule: the paper's n = epsilon + 1 iterations, n = 1 for 0 < epsilon <= 1
+    (so 0.5 attacks with one step), fractional epsilon above 1 rounded up (2.5 -> 4), 0 for no attack.
 
-
-def steps_for_epsilon_tensor(epsilon):
-    """`steps_for_epsilon` for a scalar tensor (scheduled epsilon inside a graph)."""
-    eps = tf.cast(tf.round(epsilon), tf.int32)
-    return tf.where(eps <= 1, eps, eps + 1)
+    A Python number gives an int; a scalar tensor (a scheduled epsilon) an int32 tensor.
+    """
+    if isinstance(epsilon, numbers.Number):
+        if epsilon < 0:
+            raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+        return 0 if epsilon == 0 else 1 if epsilon <= 1 else math.ceil(epsilon) + 1
+    eps = tf.cast(epsilon, tf.float32)
+    return tf.where(eps <= 0.0, 0, tf.where(eps <= 1.0, 1, tf.cast(tf.math.ceil(eps), tf.int32) + 1))
 
 
 def random_wrong_labels(labels, num_classes: int, seed=None):
@@ -80,6 +79,8 @@ def pgd(
     random_start: bool = False,
     num_classes: int | None = None,
     seed=None,
+    prob_start_from_clean: float = 0.0,
+    loss_scale: float = 1.0,
 ):
     """Projected gradient descent under L-infinity, in pixel units.
 
@@ -93,6 +94,13 @@ def pgd(
       targeted: descend the loss of a random wrong class per example (the
         authors' choice); otherwise ascend the loss of the true class.
       random_start: start from a uniform point in the epsilon-ball.
+      prob_start_from_clean: with random_start, the probability that a whole
+        batch starts from the clean images instead (the authors' adversarial
+        training uses 0.2; their evaluation 0).
+      loss_scale: multiplies the attack loss before its gradient (1024 for a
+        float16 network), so small input gradients do not underflow to 0 and
+        lose their sign; sign(scale * g) = sign(g), and non-finite components
+        of an overflowing gradient count as 0.
       num_classes: needed for targeted attacks; inferred from the logits if None.
       seed: int or int pair for deterministic targets and start; None uses
         TensorFlow's global random state.
@@ -114,6 +122,8 @@ def pgd(
         bool(random_start),
         num_classes,
         None if seed is None else tf.convert_to_tensor(seed, tf.int32),
+        tf.convert_to_tensor(prob_start_from_clean, tf.float32),
+        tf.convert_to_tensor(loss_scale, tf.float32),
     )
 
 
@@ -131,7 +141,7 @@ def _attack_loss(logits, labels, targeted_labels, targeted):
 @tf.function(autograph=False)
 def _pgd_graph(
     logits_fn, pixels, labels, epsilon, num_steps, step_size, targeted, random_start,
-    num_classes, seed,
+    num_classes, seed, prob_start_from_clean, loss_scale,
 ):
     dtype = pixels.dtype
     x_clean = tf.cast(pixels, tf.float32)
@@ -143,8 +153,11 @@ def _pgd_graph(
         shape = tf.shape(x_clean)
         if seed is None:
             noise = tf.random.uniform(shape, -1.0, 1.0)
+            from_clean = tf.random.uniform([]) < prob_start_from_clean
         else:
             noise = tf.random.stateless_uniform(shape, _seed_pair(seed, 2), -1.0, 1.0)
+            from_clean = tf.random.stateless_uniform([], _seed_pair(seed, 3)) < prob_start_from_clean
+        noise = tf.where(from_clean, tf.zeros_like(noise), noise)
         x_start = tf.clip_by_value(x_clean + epsilon * noise, lower, upper)
     else:
         x_start = x_clean
@@ -159,8 +172,9 @@ def _pgd_graph(
     def step(i, x):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(x)
-            loss = _attack_loss(logits_fn(tf.cast(x, dtype)), labels, target_labels, targeted)
+            loss = loss_scale * _attack_loss(logits_fn(tf.cast(x, dtype)), labels, target_labels, targeted)
         grad = tape.gradient(loss, x)
+        grad = tf.where(tf.math.is_finite(grad), grad, tf.zeros_like(grad))
         x = x + step_size * tf.sign(grad)
         return i + 1, tf.clip_by_value(x, lower, upper)
 

@@ -1,4 +1,9 @@
-"""ImageNet-C style corruptions (Hendrycks & Dietterich, 2019), in TensorFlow, on the fly.
+"""ImageNet-C-style corruptions (Hendrycks & Dietterich, 2019), in TensorFlow, on the fly.
+
+Quick and seeded, but NOT ImageNet-C's numbers: for those, evaluate with
+--corruption_backend=tfds or imagecorruptions (data/imagenet_c.py). How close
+these are to the ImageNet-C code where both define a corruption is tested
+(tests/test_imagenet_c.py).
 
 `corrupt(images, name, severity, seed)` takes a batch of float pixels in
 [0, 255] with a static spatial size and returns the corrupted batch, same
@@ -175,9 +180,10 @@ def zoom_blur(x, severity, seed):
 
 
 def contrast(x, severity, seed):
+    """Toward each channel's mean (ImageNet-C: np.mean(x, axis=(0, 1)) per image)."""
     del seed
     c = _CONTRAST[severity - 1]
-    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+    mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
     return (x - mean) * c + mean
 
 

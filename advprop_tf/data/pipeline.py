@@ -11,19 +11,42 @@ import numpy as np
 import tensorflow as tf
 
 from advprop_tf.data.autoaugment import autoaugment
+from advprop_tf.data.randaugment import randaugment
 from advprop_tf.data.preprocessing import is_decodable_image, preprocess_eval, preprocess_train
 from advprop_tf.data.sources import Source, SourceError
 
 VIEWS = ("randaugment", "autoaugment")  # extra views an N-domain AdvProp model can ask for
-AUGMENTATIONS = ("none", "randaugment", "autoaugment")
+AUGMENTATIONS = ("none", "randaugment", "autoaugment", "keras_cv_randaugment")
 
 
 class DecodeStats:
-    """Counters shared by the pipelines of one run (host-side variables)."""
+    """How many images could not be decoded (a host-side variable the loop checkpoints).
+
+    Training counts each undecodable FILE once: such images are dropped (a
+    failed header check or a decode error alike), and the gaps they leave in
+    the element indices are counted only within the first pass over the split,
+    in which every file appears exactly once; later epochs do not count the
+    same file again, and a resumed run goes on from the checkpointed count.
+    """
 
     def __init__(self):
         with tf.init_scope():
             self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_images")
+
+    def gap_counter(self, first_pass_size):
+        """A tf.data scan function: state = the last index seen; counts dropped indices < first_pass_size."""
+        end = tf.constant(-1 if first_pass_size is None else first_pass_size, tf.int64)
+
+        def count(previous, element):
+            index = element[-1]
+            first, last = previous + 1, index  # dropped: first .. last - 1
+            if first_pass_size is not None:
+                first, last = tf.minimum(first, end), tf.minimum(last, end)
+            dropped = tf.maximum(last - first, 0)
+            with tf.control_dependencies([self.skipped.assign_add(dropped)]):
+                return tf.identity(index), element[:-1]
+
+        return count
 
     def keep(self, data, label):
         ok = is_decodable_image(data)
@@ -51,8 +74,11 @@ def check_readable(source: Source, split: str = "train"):
             ) from None
 
 
-def make_randaugment(num_layers: int, magnitude: float):
-    """keras-cv RandAugment on [0, 255] pixels; magnitude on the authors' 0-10 scale (capped at 10)."""
+def make_keras_cv_randaugment(num_layers: int, magnitude: float):
+    """keras-cv's RandAugment on [0, 255] pixels (NOT the authors'); its magnitude tops out at our 10."""
+    if magnitude > 10:
+        raise SourceError(f"keras-cv's RandAugment caps the magnitude at 10, got {magnitude:g}; "
+                          "the authors' RandAugment (randaugment) takes any magnitude")
     import keras_cv
 
     return keras_cv.layers.RandAugment(
@@ -71,8 +97,8 @@ def train_dataset(source: Source, size: int, batch_size: int, *, augment: str = 
     `batch_size` is per input pipeline (per replica under a strategy). The
     order, crops and flips are a function of `seed` (random when None) and
     use only stateless random ops, so the iterator can be checkpointed
-    (keras-cv RandAugment is stateful: with it the iterator cannot; our
-    AutoAugment is seeded per element and keeps it stateless).
+    (keras-cv's RandAugment is stateful: with it the iterator cannot; our
+    AutoAugment and RandAugment are seeded per element and keep it stateless).
     `skip_examples` resumes where a run stopped when the iterator could not be
     saved: that many elements of THIS pipeline (all of its local replicas'
     batches) are skipped before decoding, and the indices of the rest (hence
@@ -86,46 +112,64 @@ def train_dataset(source: Source, size: int, batch_size: int, *, augment: str = 
     if augment not in AUGMENTATIONS:
         raise SourceError(f"unknown augmentation {augment!r}; valid: {', '.join(AUGMENTATIONS)}")
     ds = source.dataset("train", input_context, shuffle_seed=seed)
-    if source.encoded:
-        stats = stats or DecodeStats()
-        ds = ds.filter(stats.keep)
+    stats = stats or DecodeStats()
     if not source.shuffles_index:  # records: a buffer of them
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     ds = ds.repeat()
     ds = ds.enumerate()
     if skip_examples:
         ds = ds.skip(skip_examples)
-    needs_randaugment = augment == "randaugment" or "randaugment" in views
-    randaugment = make_randaugment(randaugment_layers, randaugment_magnitude) if needs_randaugment else None
+    keras_cv_layer = (make_keras_cv_randaugment(randaugment_layers, randaugment_magnitude)
+                      if augment == "keras_cv_randaugment" else None)
 
     def augmented(image, kind, element_seed, stream):
+        # each use draws from a stream of its own, independent of the crop's
+        salt = tf.constant(0x5EED + 7919 * stream, tf.int32)
+        own_seed = tf.stack([element_seed[0], tf.bitwise.bitwise_xor(element_seed[1], salt)])
         if kind == "randaugment":
-            return randaugment(image)
-        if kind == "autoaugment":  # a stream of its own per use, independent of the crop's
-            salt = tf.constant(0x5EED + 7919 * stream, tf.int32)
-            return autoaugment(image, tf.stack([element_seed[0], tf.bitwise.bitwise_xor(element_seed[1], salt)]))
+            return randaugment(image, own_seed, randaugment_layers, randaugment_magnitude)
+        if kind == "autoaugment":
+            return autoaugment(image, own_seed)
+        if kind == "keras_cv_randaugment":
+            return keras_cv_layer(image)
         return image
 
     def prepare(index, example):
         data, label = example
+        if source.encoded:  # an undecodable image fails here and is dropped below, as a decode error is
+            check = tf.debugging.Assert(is_decodable_image(data), ["undecodable image"])
+            with tf.control_dependencies([check]):
+                data = tf.identity(data)
         element_seed = tf.cast(tf.stack([tf.cast(seed, tf.int64), index]) % (2**31 - 1), tf.int32)
         image = preprocess_train(data, size, element_seed, min_area=crop_min_area)
         clean = augmented(image, augment, element_seed, 0)
         if not views:
-            return clean, label
+            return clean, label, index
         out = {"clean": clean}
         for stream, view in enumerate(views, start=1):
             out[view] = augmented(image, view, element_seed, stream)
-        return out, label
+        return out, label, index
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors()
+    ds = ds.scan(tf.constant(skip_examples - 1, tf.int64), stats.gap_counter(first_pass_size(source, input_context)))
     # The skipped-image counter is state outside the pipeline: saving the
     # iterator ignores it (the loop checkpoints the counter itself).
     options = tf.data.Options()
     options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
     ds = ds.with_options(options)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def first_pass_size(source: Source, input_context=None):
+    """Elements in one pass over this pipeline's share of the training split (None: unknown)."""
+    total = source.num_examples("train")
+    if total is None:
+        return None
+    if input_context is None or input_context.num_input_pipelines == 1:
+        return total
+    pipelines, index = input_context.num_input_pipelines, input_context.input_pipeline_id
+    return (total - index + pipelines - 1) // pipelines  # Dataset.shard(pipelines, index)
 
 
 def eval_dataset(source: Source, size: int, batch_size: int, split: str = "validation",

@@ -12,12 +12,12 @@ attacks work in pixel units and the exported model takes what a user has.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Sequence
 
 import keras
 import tensorflow as tf
 
+from advprop_tf.models.base import MultiDomainNetwork, round_filters, round_repeats
 from advprop_tf.models.multi_bn import MultiBatchNormalization
 
 # name: (width_coefficient, depth_coefficient, resolution, dropout_rate)
@@ -33,7 +33,7 @@ SCALING = {
     "efficientnet-b8": (2.2, 3.6, 672, 0.5),
     "efficientnet-l2": (4.3, 5.3, 800, 0.5),
 }
-MODEL_NAMES = tuple(SCALING)
+EFFICIENTNET_NAMES = tuple(SCALING)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,37 +57,6 @@ B0_STAGES = (
     StageArgs(4, 5, 2, 6, 112, 192),
     StageArgs(1, 3, 1, 6, 192, 320),
 )
-
-# Per-channel statistics of ImageNet in pixel units (0-255).
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-INPUT_NORMALIZATIONS = ("imagenet", "inception")
-
-
-def round_filters(filters: int, width_coefficient: float, divisor: int = 8) -> int:
-    """Scale a filter count by width and round to a multiple of `divisor`."""
-    filters *= width_coefficient
-    new_filters = max(divisor, int(filters + divisor / 2) // divisor * divisor)
-    if new_filters < 0.9 * filters:
-        new_filters += divisor
-    return int(new_filters)
-
-
-def round_repeats(repeats: int, depth_coefficient: float) -> int:
-    return int(math.ceil(depth_coefficient * repeats))
-
-
-def normalize_pixels(pixels, mode: str):
-    """Map float pixels in [0, 255] to the network's input range."""
-    pixels = tf.cast(pixels, tf.float32)
-    if mode == "imagenet":
-        return (pixels - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
-    if mode == "inception":
-        return pixels * (2.0 / 255.0) - 1.0
-    raise ValueError(
-        f"input_normalization must be one of {INPUT_NORMALIZATIONS}, got {mode!r}"
-    )
-
 
 # The authors' initializers: normal(0, sqrt(2 / fan_out)) for convs
 # (fan_out = kh * kw * out_filters; for depthwise kh * kw), and
@@ -220,58 +189,18 @@ class MBConvBlock(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="advprop_tf")
-class EfficientNet(keras.Model):
-    """EfficientNet whose every BN is a MultiBatchNormalization.
+class EfficientNet(MultiDomainNetwork):
+    """EfficientNet whose every BN is a MultiBatchNormalization (call: see MultiDomainNetwork)."""
 
-    call(pixels, training=None, domain=None, bn_mode=None):
-      pixels: float NHWC in [0, 255], any spatial size.
-      domain: None (main domain), a domain name, or a tuple of names that
-        splits the batch into equal consecutive chunks.
-      bn_mode: None (follows `training`), "train", "batch" or "inference".
-    """
-
-    def __init__(
-        self,
-        model_name: str = "efficientnet-b0",
-        num_classes: int = 1000,
-        domains: Sequence[str] = ("clean", "adv"),
-        input_normalization: str = "imagenet",
-        resolution: int | None = None,
-        width_coefficient: float | None = None,
-        depth_coefficient: float | None = None,
-        dropout_rate: float | None = None,
-        drop_connect_rate: float = 0.2,
-        bn_momentum: float = 0.99,
-        bn_epsilon: float = 1e-3,
-        synchronized_bn: bool = False,
-        **kwargs,
-    ):
+    @classmethod
+    def variant_defaults(cls, model_name):
         if model_name not in SCALING:
-            raise ValueError(
-                f"unknown model name {model_name!r}; valid names: {', '.join(MODEL_NAMES)}"
-            )
-        if input_normalization not in INPUT_NORMALIZATIONS:
-            raise ValueError(
-                f"input_normalization must be one of {INPUT_NORMALIZATIONS}, "
-                f"got {input_normalization!r}"
-            )
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
-        kwargs.setdefault("name", model_name.replace("-", "_"))
-        super().__init__(**kwargs)
-        width, depth, default_res, default_dropout = SCALING[model_name]
-        self.model_name = model_name
-        self.num_classes = int(num_classes)
-        self.domains = tuple(domains)
-        self.input_normalization = input_normalization
-        self.resolution = int(resolution or default_res)
-        self.width_coefficient = float(width if width_coefficient is None else width_coefficient)
-        self.depth_coefficient = float(depth if depth_coefficient is None else depth_coefficient)
-        self.dropout_rate = float(default_dropout if dropout_rate is None else dropout_rate)
-        self.drop_connect_rate = float(drop_connect_rate)
-        self.bn_momentum = float(bn_momentum)
-        self.bn_epsilon = float(bn_epsilon)
-        self.synchronized_bn = bool(synchronized_bn)
+            raise ValueError(f"unknown model name {model_name!r}; valid names: {', '.join(EFFICIENTNET_NAMES)}")
+        width, depth, resolution, dropout = SCALING[model_name]
+        return width, depth, resolution, dropout, 0.2
+
+    def __init__(self, model_name: str = "efficientnet-b0", **options):
+        super().__init__(model_name, **options)
 
         def bn(name):
             return MultiBatchNormalization(
@@ -333,10 +262,6 @@ class EfficientNet(keras.Model):
             bias_initializer="zeros", name="classifier",
         )
 
-    @property
-    def main_domain(self) -> str:
-        return self.domains[0]
-
     def weighted_layers(self):
         """Every layer holding weights, in the order the network applies them."""
         layers = [self.stem_conv, self.stem_bn]
@@ -344,88 +269,18 @@ class EfficientNet(keras.Model):
             layers.extend(block.weighted_layers())
         return layers + [self.head_conv, self.head_bn, self.classifier]
 
-    def bn_layers(self):
-        """Every MultiBatchNormalization, in network order."""
-        return [
-            layer for layer in self.weighted_layers()
-            if isinstance(layer, MultiBatchNormalization)
-        ]
-
     def features(self, pixels, training=None, domain=None, bn_mode=None):
         """Pooled penultimate features (before dropout and classifier)."""
         bn_kwargs = dict(training=training, domain=domain, bn_mode=bn_mode)
-        x = normalize_pixels(pixels, self.input_normalization)
-        x = tf.cast(x, self.compute_dtype)
+        x = self.normalized_input(pixels)
         x = tf.nn.silu(self.stem_bn(self.stem_conv(x), **bn_kwargs))
         for block in self.blocks:
             x = block(x, **bn_kwargs)
         x = tf.nn.silu(self.head_bn(self.head_conv(x), **bn_kwargs))
         return tf.reduce_mean(x, axis=[1, 2])
 
-    def call(self, inputs, training=None, domain=None, bn_mode=None):
-        x = self.features(inputs, training=training, domain=domain, bn_mode=bn_mode)
-        if self.head_dropout is not None:
-            x = self.head_dropout(x, training=training)
-        # Logits in float32 even under mixed precision (stable softmax/loss).
-        return tf.cast(self.classifier(x), tf.float32)
 
-    def get_config(self):
-        return {
-            "name": self.name,
-            "model_name": self.model_name,
-            "num_classes": self.num_classes,
-            "domains": list(self.domains),
-            "input_normalization": self.input_normalization,
-            "resolution": self.resolution,
-            "width_coefficient": self.width_coefficient,
-            "depth_coefficient": self.depth_coefficient,
-            "dropout_rate": self.dropout_rate,
-            "drop_connect_rate": self.drop_connect_rate,
-            "bn_momentum": self.bn_momentum,
-            "bn_epsilon": self.bn_epsilon,
-            "synchronized_bn": self.synchronized_bn,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        model = cls(**config)
-        model.build_weights()
-        return model
-
-    def build_weights(self):
-        """Create every variable with one tiny forward pass (weights do not depend on size)."""
-        if not self.built or not self.weights:
-            self(tf.zeros([1, 32, 32, 3]), training=False)
-        return self
-
-
-def build_efficientnet(
-    name: str,
-    num_classes: int = 1000,
-    domains: Sequence[str] = ("clean", "adv"),
-    input_normalization: str = "imagenet",
-    resolution: int | None = None,
-    width_coefficient: float | None = None,
-    depth_coefficient: float | None = None,
-    dropout_rate: float | None = None,
-    drop_connect_rate: float = 0.2,
-    **kwargs,
-) -> EfficientNet:
-    """Build an EfficientNet with all variables created.
-
-    `resolution`, `width_coefficient`, `depth_coefficient` and `dropout_rate`
-    default to the variant's row of the scaling table.
-    """
-    model = EfficientNet(
-        model_name=name,
-        num_classes=num_classes,
-        domains=domains,
-        input_normalization=input_normalization,
-        resolution=resolution,
-        width_coefficient=width_coefficient,
-        depth_coefficient=depth_coefficient,
-        dropout_rate=dropout_rate,
-        drop_connect_rate=drop_connect_rate,
-        **kwargs,
-    )
-    return model.build_weights()
+def build_efficientnet(name: str, **options) -> EfficientNet:
+    """An EfficientNet with all variables created; options as EfficientNet takes them (each defaults
+    to the variant's row of the scaling table)."""
+    return EfficientNet(name, **options).build_weights()

@@ -48,6 +48,7 @@ class MultiBatchNormalization(keras.layers.Layer):
         momentum: float = 0.99,
         epsilon: float = 1e-3,
         synchronized: bool = False,
+        gamma_initializer: str = "ones",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -63,6 +64,8 @@ class MultiBatchNormalization(keras.layers.Layer):
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
         self.synchronized = bool(synchronized)
+        # "zeros" for a residual block's last BN (the block starts as the identity).
+        self.gamma_initializer = gamma_initializer
         self.supports_masking = False
         self._vars = {}
 
@@ -77,7 +80,7 @@ class MultiBatchNormalization(keras.layers.Layer):
         for d in self.domains:
             self._vars[d] = {
                 "gamma": self.add_weight(
-                    shape=(channels,), initializer="ones", autocast=False, name=f"{d}_gamma"
+                    shape=(channels,), initializer=self.gamma_initializer, autocast=False, name=f"{d}_gamma"
                 ),
                 "beta": self.add_weight(
                     shape=(channels,), initializer="zeros", autocast=False, name=f"{d}_beta"
@@ -220,5 +223,6 @@ class MultiBatchNormalization(keras.layers.Layer):
             momentum=self.momentum,
             epsilon=self.epsilon,
             synchronized=self.synchronized,
+            gamma_initializer=self.gamma_initializer,
         )
         return config

@@ -1,4 +1,4 @@
-"""Copy weights between two EfficientNets of the same architecture, BN domain by BN domain.
+"""Copy weights between two networks of the same architecture, BN domain by BN domain.
 
 Used by export (a one-domain inference copy of one training domain) and by
 --init_checkpoint (fine-tuning: a new head, auxiliary BNs started from the
@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from typing import Callable
 
-from advprop_tf.models.efficientnet import EfficientNet
+from advprop_tf.models.base import MultiDomainNetwork
 from advprop_tf.models.multi_bn import MultiBatchNormalization
 
 
-def default_domain_of(source: EfficientNet) -> Callable[[str], str]:
+def default_domain_of(source: MultiDomainNetwork) -> Callable[[str], str]:
     """A target domain reads the source domain of the same name, else the source's main BN."""
     return lambda domain: domain if domain in source.domains else source.main_domain
 
 
-def copy_weights(source: EfficientNet, target: EfficientNet, domain_of: Callable[[str], str] | None = None,
+def copy_weights(source: MultiDomainNetwork, target: MultiDomainNetwork, domain_of: Callable[[str], str] | None = None,
                  skip_head: bool = False) -> None:
     """Assign `target`'s weights from `source`; raises ValueError naming the first mismatch.
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from advprop_tf.config import attack_steps, model_domains
+from advprop_tf.config import attack_steps, input_normalization, model_domains
 from advprop_tf.data.sources import parse_source
 from advprop_tf.methods import AttackConfig, get_method, parse_epsilon_schedule
-from advprop_tf.models import build_efficientnet
+from advprop_tf.models import build_model as build_network
 from advprop_tf.training.ema import ExponentialMovingAverage
 from advprop_tf.training.optimization import make_optimizer, make_schedule, scaled_learning_rate
 from advprop_tf.training.run_dir import MEANING_FLAGS
@@ -59,9 +59,9 @@ def training_length(cfg, source) -> Length:
 
 
 def build_model(cfg, num_classes: int):
-    return build_efficientnet(
+    return build_network(
         cfg.model, num_classes=num_classes, domains=model_domains(cfg.method, cfg.aux_domains),
-        input_normalization=cfg.input_normalization, resolution=cfg.resolution,
+        input_normalization=input_normalization(cfg), resolution=cfg.resolution,
         width_coefficient=cfg.width_coefficient, depth_coefficient=cfg.depth_coefficient,
         dropout_rate=cfg.dropout_rate, drop_connect_rate=cfg.drop_connect_rate,
         synchronized_bn=cfg.sync_bn,
@@ -73,6 +73,7 @@ def build_optimization(cfg, model, length: Length):
     schedule = make_schedule(
         cfg.lr_schedule, scaled_learning_rate(cfg.train_batch_size, cfg.base_learning_rate),
         length.steps_per_epoch, length.total_steps, cfg.warmup_epochs, cfg.lr_decay_epochs, cfg.lr_decay_rate,
+        boundary_epochs=[float(e) for e in cfg.lr_decay_boundaries], warmup_from=cfg.base_learning_rate,
     )
     optimizer = make_optimizer(cfg.optimizer, schedule, model, skip_non_finite=cfg.on_nan == "skip",
                                loss_scaling=cfg.mixed_precision == "float16")
@@ -85,9 +86,10 @@ def build_train_step(cfg, model, optimizer, ema, strategy, *, num_classes: int, 
         global_batch_size=cfg.train_batch_size, num_classes=num_classes,
         label_smoothing=cfg.label_smoothing, weight_decay=cfg.weight_decay,
         attack=AttackConfig(cfg.epsilon, attack_steps(cfg), cfg.attack_step_size,
-                            cfg.targeted, cfg.random_start, cfg.attack_bn_mode),
+                            cfg.targeted, cfg.random_start, cfg.attack_bn_mode,
+                            prob_start_from_clean=cfg.prob_start_from_clean,
+                            fixed_num_steps=cfg.attack_steps is not None),
         epsilon_schedule=tuple(parse_epsilon_schedule(cfg.epsilon_schedule)) if cfg.epsilon_schedule else None,
-        fixed_num_steps=cfg.attack_steps is not None,
         total_steps=total_steps, clean_weight=cfg.clean_loss_weight,
         adv_weight=cfg.adv_loss_weight, seed=seed, jit_compile=cfg.jit_compile,
         skip_non_finite=cfg.on_nan == "skip",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from advprop_tf.models.base import MultiDomainNetwork
 from advprop_tf.models.efficientnet import EfficientNet
 from advprop_tf.paths import dirname, join
 from advprop_tf.training.run_dir import RUN_CONFIG, RunDir, checkpoint_reader
@@ -52,7 +53,7 @@ def _run_dir_of(prefix):
     return parent if RunDir(parent).exists(RUN_CONFIG) else None
 
 
-def initialize_from(model: EfficientNet, path: str, skip_head: bool = False, use_ema: bool = True) -> str:
+def initialize_from(model: MultiDomainNetwork, path: str, skip_head: bool = False, use_ema: bool = True) -> str:
     """Fill `model` from `path`; returns a one-line description of what was loaded."""
     if path.endswith(".h5"):
         keras_application_model(path, model, skip_head)
@@ -64,7 +65,7 @@ def initialize_from(model: EfficientNet, path: str, skip_head: bool = False, use
     from advprop_tf.serving import ExportError, load_trained
 
     try:
-        source, _, step = load_trained(run_dir, use_ema=use_ema and any(n.startswith("ema/") for n in names))
+        source, _, step, _ = load_trained(run_dir, use_ema=use_ema and any(n.startswith("ema/") for n in names))
     except ExportError as e:
         raise InitError(f"--init_checkpoint: {str(e).split(': ', 1)[-1]}") from None
     _copy(source, model, skip_head)
@@ -84,6 +85,9 @@ def _from_authors_checkpoint(model, prefix, names, skip_head, use_ema):
     from advprop_tf.models.authors_checkpoint import CheckpointMismatch, checkpoint_scopes, load_authors_checkpoint
 
     scopes = checkpoint_scopes(names)
+    if scopes and not isinstance(model, EfficientNet):
+        raise InitError(f"--init_checkpoint: {prefix!r} is an authors' EfficientNet checkpoint ({scopes[0]}); "
+                        f"--model is {model.model_name}")
     if not scopes:
         raise InitError(f"--init_checkpoint: {prefix!r} has no run_config.json beside it and no "
                         "authors' EfficientNet variables")
@@ -100,7 +104,7 @@ def _from_authors_checkpoint(model, prefix, names, skip_head, use_ema):
             f"{', head skipped' if skip_head else ''})")
 
 
-def keras_application_model(path: str, model: EfficientNet, skip_head: bool) -> None:
+def keras_application_model(path: str, model: MultiDomainNetwork, skip_head: bool) -> None:
     """Load a keras.applications EfficientNet weight file into `model` (all BN domains).
 
     The file's own input-normalization layer is NOT used: Keras' ImageNet

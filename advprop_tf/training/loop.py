@@ -21,6 +21,7 @@ from absl import logging
 from advprop_tf import evaluation
 from advprop_tf.data.pipeline import DecodeStats, check_readable, eval_dataset, train_dataset
 from advprop_tf.data.sources import SourceError
+from advprop_tf.models.base import WeightsByPath
 from advprop_tf.serving import export
 from advprop_tf.training import builders
 from advprop_tf.training.preemption import PreemptionWatcher
@@ -112,7 +113,7 @@ class Trainer:
         self.views = tuple(d for d in self.domains[1:] if not d.startswith("adv"))
         self._resume_step = 0
         self.train_iterator = self._make_iterator()
-        tracked = dict(model=self.model, optimizer=self.optimizer, step=self.train_step.global_step,
+        tracked = dict(model=self.model, model_weights=WeightsByPath(self.model), optimizer=self.optimizer, step=self.train_step.global_step,
                        skipped_images=self.decode_stats.skipped)
         if self.ema is not None:
             tracked["ema"] = self.ema
@@ -122,7 +123,7 @@ class Trainer:
         # resume skips the consumed elements (see _train_input), as it does when
         # an allowed config change makes the saved iterator unusable.
         self.iterator_saved = (
-            cfg.checkpoint_input_pipeline and "randaugment" not in (cfg.augment, *self.views)
+            cfg.checkpoint_input_pipeline and cfg.augment != "keras_cv_randaugment"
             and not set(changed) & {"train_batch_size", "dataset", "resolution", "aux_domains", "method"}
             and isinstance(self.train_iterator, tf.__internal__.tracking.Trackable)
         )
@@ -166,8 +167,7 @@ class Trainer:
         per_replica = -(-self.cfg.eval_batch_size // self.strategy.num_replicas_in_sync)
 
         def dataset_fn(ctx):
-            return eval_dataset(self.source, self.resolution, per_replica, stats=self.decode_stats,
-                                input_context=ctx, pad_to_batch=True,
+            return eval_dataset(self.source, self.resolution, per_replica, input_context=ctx, pad_to_batch=True,
                                 batches_multiple_of=ctx.num_replicas_in_sync // ctx.num_input_pipelines)
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)

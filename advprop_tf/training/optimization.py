@@ -60,13 +60,50 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
                     warmup_steps=self.warmup_steps)
 
 
+@keras.saving.register_keras_serializable(package="advprop_tf")
+class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """lr x decay_rate from each boundary step on, after a linear warm-up from `warmup_from`.
+
+    The ResNet recipe of the authors' adversarial-training code ("ImageNet in
+    1 Hour"): lr 0.1 x batch/256, /10 at epochs 35, 70, 95 of 110, the first 5
+    epochs rising linearly from 0.1 (the lr of 256 images) to the scaled lr.
+    """
+
+    def __init__(self, learning_rate, boundaries, decay_rate=0.1, warmup_steps=0, warmup_from=0.0):
+        self.learning_rate = float(learning_rate)
+        self.boundaries = [int(b) for b in boundaries]
+        self.decay_rate = float(decay_rate)
+        self.warmup_steps = float(warmup_steps)
+        self.warmup_from = float(warmup_from)
+        values = [self.learning_rate * self.decay_rate**i for i in range(len(self.boundaries) + 1)]
+        # Keras switches after a boundary (step > b); ours from it (step >= b).
+        self._piecewise = keras.optimizers.schedules.PiecewiseConstantDecay([b - 1 for b in self.boundaries], values)
+
+    def __call__(self, step):
+        decayed = tf.cast(self._piecewise(step), tf.float32)
+        if self.warmup_steps <= 0:
+            return decayed
+        step = tf.cast(step, tf.float32)
+        warmup = self.warmup_from + (self.learning_rate - self.warmup_from) * step / self.warmup_steps
+        return tf.where(step < self.warmup_steps, warmup, decayed)
+
+    def get_config(self):
+        return dict(learning_rate=self.learning_rate, boundaries=self.boundaries, decay_rate=self.decay_rate,
+                    warmup_steps=self.warmup_steps, warmup_from=self.warmup_from)
+
+
 def scaled_learning_rate(global_batch_size: int, base: float = BASE_LEARNING_RATE) -> float:
     """0.016 x global_batch / 256, the authors' linear scaling."""
     return base * global_batch_size / 256.0
 
 
+SCHEDULES = ("exponential", "cosine", "constant", "step")
+
+
 def make_schedule(name, learning_rate, steps_per_epoch, total_steps, warmup_epochs=5.0,
-                  decay_epochs=2.4, decay_rate=0.97):
+                  decay_epochs=2.4, decay_rate=0.97, boundary_epochs=(), warmup_from=0.0):
+    """`decay_epochs` is the exponential period; `boundary_epochs` the step schedule's boundaries,
+    whose warm-up starts at `warmup_from` (the others warm up from 0)."""
     warmup_steps = int(round(warmup_epochs * steps_per_epoch))
     if name == "exponential":
         return WarmupExponentialDecay(learning_rate, decay_epochs * steps_per_epoch, decay_rate, warmup_steps)
@@ -74,7 +111,10 @@ def make_schedule(name, learning_rate, steps_per_epoch, total_steps, warmup_epoc
         return WarmupCosineDecay(learning_rate, total_steps, warmup_steps)
     if name == "constant":
         return WarmupExponentialDecay(learning_rate, 1, 1.0, warmup_steps)
-    raise ValueError(f"unknown learning-rate schedule {name!r}; valid: exponential, cosine, constant")
+    if name == "step":
+        boundaries = [int(round(float(e) * steps_per_epoch)) for e in boundary_epochs]
+        return WarmupStepDecay(learning_rate, boundaries, decay_rate, warmup_steps, min(warmup_from, learning_rate))
+    raise ValueError(f"unknown learning-rate schedule {name!r}; valid: {', '.join(SCHEDULES)}")
 
 
 def make_optimizer(name, schedule, model=None, skip_non_finite=False, loss_scaling=False):
@@ -106,18 +146,15 @@ def make_optimizer(name, schedule, model=None, skip_non_finite=False, loss_scali
     return optimizer
 
 
-def non_bn_trainable_variables(model):
-    """Trainable variables that weight decay applies to: all but BN gamma/beta."""
-    bn_ids = {id(v) for layer in model.bn_layers() for v in layer.weights}
-    return [v for v in model.trainable_variables if id(v) not in bn_ids]
-
-
 def weight_decay_loss(model, weight_decay: float):
-    """weight_decay x sum of l2_loss (sum of squares / 2) over non-BN trainable weights."""
+    """weight_decay x sum of l2_loss (sum of squares / 2) over the model's weight_decay_variables().
+
+    (EfficientNet: every trainable weight but BN's, as the authors; ResNet: conv and dense kernels.)
+    """
     if weight_decay <= 0:
         return tf.constant(0.0)
     return weight_decay * tf.add_n(
-        [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in non_bn_trainable_variables(model)]
+        [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in model.weight_decay_variables()]
     )
 
 

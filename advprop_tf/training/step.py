@@ -12,7 +12,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from advprop_tf.attacks.pgd import steps_for_epsilon_tensor
+from advprop_tf.attacks.pgd import steps_for_epsilon
 from advprop_tf.methods import AttackConfig, StepContext, scheduled_epsilon
 from advprop_tf.training.optimization import make_loss_fn, weight_decay_loss
 
@@ -25,7 +25,6 @@ class StepConfig:
     weight_decay: float = 1e-5
     attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)
     epsilon_schedule: tuple | None = None  # ((fraction, epsilon), ...) fine-grained AdvProp
-    fixed_num_steps: bool = False  # keep attack.num_steps when epsilon is scheduled
     total_steps: int = 1
     clean_weight: float = 1.0
     adv_weight: float = 1.0
@@ -67,7 +66,7 @@ class TrainStep:
         epsilon = num_steps = None
         if cfg.epsilon_schedule:
             epsilon = scheduled_epsilon(cfg.epsilon_schedule, step, cfg.total_steps)
-            num_steps = cfg.attack.num_steps if cfg.fixed_num_steps else steps_for_epsilon_tensor(epsilon)
+            num_steps = cfg.attack.num_steps if cfg.attack.fixed_num_steps else steps_for_epsilon(epsilon)
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
         seed = tf.stack([
             tf.constant(cfg.seed, tf.int32),
