@@ -18,6 +18,10 @@ _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
 )
+# Grappler's graph rewrites preserve results but cost seconds on every first call of a
+# new graph (~40% of a tiny training run here), and the tests trace many graphs that
+# each run a few steps. Command lines the tests start as processes keep them.
+tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
 
 
 @pytest.fixture(autouse=True)

@@ -199,7 +199,7 @@ def test_the_imagecorruptions_backend_gives_the_papers_mce_over_15_by_5(trained,
     model_dir, _ = trained
     results, _ = evaluate_cli.run(cli_flags(
         f"--model_dir={model_dir}", "--corruption_backend=imagecorruptions", "--corruptions=all",
-        "--max_batches=1", "--batch_size=4", f"--output={tmp_path / 'c.json'}"), log=lambda line: None)
+        "--max_batches=1", "--batch_size=2", f"--output={tmp_path / 'c.json'}"), log=lambda line: None)
     assert results["corruption_backend"] == "imagecorruptions" and len(results["corruptions"]) == 15
     assert results["mce"]["reference"].startswith("AlexNet")
     errors = {n: sum(1 - a for a in v["accuracy"].values()) for n, v in results["corruptions"].items()}
