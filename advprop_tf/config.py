@@ -15,8 +15,8 @@ from advprop_tf.data.pipeline import AUGMENTATIONS, VIEWS
 from advprop_tf.data.sources import SOURCE_KINDS
 from advprop_tf.methods import ATTACK_BN_MODES, METHODS, domain_epsilon, parse_epsilon_schedule
 from advprop_tf.models.base import INPUT_NORMALIZATIONS
-from advprop_tf.training.optimization import SCHEDULES
 from advprop_tf.models.registry import MODEL_NAMES, default_input_normalization
+from advprop_tf.training.optimization import SCHEDULES
 
 FLAGS = flags.FLAGS
 
