@@ -229,10 +229,11 @@ def run(f=FLAGS, log=print):
     results.update(dataset=dataset_spec, split=split)
     if f.corruption_backend == "tfds":
         results.update(evaluation.tfds_corruptions(
-            lambda name, severity: measure(_tfds_source(name, severity, data_dir, f), "validation"),
+            lambda name, severity: measure(_tfds_source(name, severity, data_dir), "validation"),
             corruptions, severities, log))
     results["corruption_backend"] = f.corruption_backend
-    if corruptions and f.corruption_backend != "ingraph" and len(corruptions) == 15 and len(severities) == 5:
+    complete = set(corruptions) == set(IMAGENET_C_CORRUPTIONS) and set(severities) == {1, 2, 3, 4, 5}
+    if f.corruption_backend != "ingraph" and complete:  # the paper's mCE needs all 15 x 5
         from advprop_tf.data.imagenet_c import mce
 
         results["mce"] = mce({n: v["accuracy"] for n, v in results["corruptions"].items()})
@@ -243,7 +244,7 @@ def run(f=FLAGS, log=print):
     return results, output
 
 
-def _tfds_source(name, severity, data_dir, f):
+def _tfds_source(name, severity, data_dir):
     from advprop_tf.data.imagenet_c import tfds_name
     from advprop_tf.data.sources import SourceError, parse_source
 

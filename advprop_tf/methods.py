@@ -108,8 +108,8 @@ def domain_epsilon(name: str):
     except ValueError:
         raise ValueError(f"adversarial domain {name!r}: after 'adv' comes an epsilon in pixels, "
                          "e.g. adv2 or adv0.5") from None
-    if not epsilon > 0 or epsilon != epsilon:
-        raise ValueError(f"adversarial domain {name!r}: its epsilon must be > 0")
+    if not 0 < epsilon < float("inf"):
+        raise ValueError(f"adversarial domain {name!r}: its epsilon must be a positive number")
     return epsilon
 
 

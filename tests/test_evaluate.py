@@ -213,27 +213,22 @@ def evaluation_table(results):
     return results_table(results)
 
 
-def test_the_tfds_backend_evaluates_each_prepared_corrupted_dataset(trained, tmp_path):
+def test_the_tfds_backend_evaluates_each_prepared_corrupted_dataset(trained, tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
     model_dir, _ = trained
     opened = []
-    from advprop_tf import evaluate as module
+    real = evaluate_cli._tfds_source
 
-    real = module._tfds_source
-
-    def recording(name, severity, data_dir, f):
+    def recording(name, severity, data_dir):
         opened.append((name, severity))
-        return real(name, severity, data_dir, f)
+        return real(name, severity, data_dir)
 
-    module._tfds_source = recording
-    try:
-        with tfds.testing.mock_data(num_examples=4):
-            results, _ = evaluate_cli.run(cli_flags(
-                f"--model_dir={model_dir}", "--corruption_backend=tfds", "--corruptions=gaussian_noise,contrast",
-                "--severities=1,5", "--batch_size=4", f"--output={tmp_path / 't.json'}"), log=lambda line: None)
-    finally:
-        module._tfds_source = real
+    monkeypatch.setattr(evaluate_cli, "_tfds_source", recording)
+    with tfds.testing.mock_data(num_examples=4):
+        results, _ = evaluate_cli.run(cli_flags(
+            f"--model_dir={model_dir}", "--corruption_backend=tfds", "--corruptions=gaussian_noise,contrast",
+            "--severities=1,5", "--batch_size=4", f"--output={tmp_path / 't.json'}"), log=lambda line: None)
     assert opened == [("gaussian_noise", 1), ("gaussian_noise", 5), ("contrast", 1), ("contrast", 5)]
     assert set(results["corruptions"]) == {"gaussian_noise", "contrast"}
     assert all(0 <= a <= 1 for v in results["corruptions"].values() for a in v["accuracy"].values())
