@@ -10,6 +10,14 @@ import tensorflow as tf
 BASE_LEARNING_RATE = 0.016  # per 256 images
 
 
+def with_warmup(step, decayed, learning_rate, warmup_steps, warmup_from=0.0):
+    """`decayed` after `warmup_steps`; before, a line from `warmup_from` to `learning_rate` (step a float tensor)."""
+    if warmup_steps <= 0:
+        return decayed
+    warmup = warmup_from + (learning_rate - warmup_from) * step / warmup_steps
+    return tf.where(step < warmup_steps, warmup, decayed)
+
+
 @keras.saving.register_keras_serializable(package="advprop_tf")
 class WarmupExponentialDecay(keras.optimizers.schedules.LearningRateSchedule):
     """lr * decay_rate ** floor(step / decay_steps), linearly warmed up from 0.
@@ -27,10 +35,7 @@ class WarmupExponentialDecay(keras.optimizers.schedules.LearningRateSchedule):
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
         decayed = self.learning_rate * tf.pow(self.decay_rate, tf.floor(step / self.decay_steps))
-        if self.warmup_steps <= 0:
-            return decayed
-        warmup = self.learning_rate * step / self.warmup_steps
-        return tf.where(step < self.warmup_steps, warmup, decayed)
+        return with_warmup(step, decayed, self.learning_rate, self.warmup_steps)
 
     def get_config(self):
         return dict(learning_rate=self.learning_rate, decay_steps=self.decay_steps,
@@ -51,9 +56,7 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
         span = tf.maximum(self.total_steps - self.warmup_steps, 1.0)
         progress = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
         cosine = 0.5 * self.learning_rate * (1.0 + tf.cos(math.pi * progress))
-        if self.warmup_steps <= 0:
-            return cosine
-        return tf.where(step < self.warmup_steps, self.learning_rate * step / self.warmup_steps, cosine)
+        return with_warmup(step, cosine, self.learning_rate, self.warmup_steps)
 
     def get_config(self):
         return dict(learning_rate=self.learning_rate, total_steps=self.total_steps,
@@ -81,11 +84,7 @@ class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
 
     def __call__(self, step):
         decayed = tf.cast(self._piecewise(step), tf.float32)
-        if self.warmup_steps <= 0:
-            return decayed
-        step = tf.cast(step, tf.float32)
-        warmup = self.warmup_from + (self.learning_rate - self.warmup_from) * step / self.warmup_steps
-        return tf.where(step < self.warmup_steps, warmup, decayed)
+        return with_warmup(tf.cast(step, tf.float32), decayed, self.learning_rate, self.warmup_steps, self.warmup_from)
 
     def get_config(self):
         return dict(learning_rate=self.learning_rate, boundaries=self.boundaries, decay_rate=self.decay_rate,
