@@ -80,17 +80,6 @@ class UsageError(ValueError):
     """A bad flag: the message starts with its name."""
 
 
-def _imagenet_c_names(text):
-    text = (text or "").strip()
-    if text == "all":
-        return IMAGENET_C_CORRUPTIONS
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    for name in names:
-        if name not in IMAGENET_C_CORRUPTIONS:
-            raise ValueError(f"unknown ImageNet-C corruption {name!r}; valid: all, {', '.join(IMAGENET_C_CORRUPTIONS)}")
-    return names
-
-
 def validate(f=FLAGS):
     """Check the flags before TensorFlow builds anything; returns (corruptions, severities, reference)."""
     if bool(f.model_dir) == bool(f.saved_model):
@@ -115,7 +104,7 @@ def validate(f=FLAGS):
         if f.corruption_backend == "ingraph":
             corruptions = parse_corruptions(f.corruptions)
         else:
-            corruptions = _imagenet_c_names(f.corruptions)
+            corruptions = parse_corruptions(f.corruptions, IMAGENET_C_CORRUPTIONS, "ImageNet-C corruption")
     except ValueError as e:
         raise UsageError(f"--corruptions: {e}") from None
     if f.corruption_backend != "ingraph" and not corruptions:
@@ -234,9 +223,7 @@ def run(f=FLAGS, log=print):
     results["corruption_backend"] = f.corruption_backend
     complete = set(corruptions) == set(IMAGENET_C_CORRUPTIONS) and set(severities) == {1, 2, 3, 4, 5}
     if f.corruption_backend != "ingraph" and complete:  # the paper's mCE needs all 15 x 5
-        from advprop_tf.data.imagenet_c import mce
-
-        results["mce"] = mce({n: v["accuracy"] for n, v in results["corruptions"].items()})
+        results["mce"] = evaluation.imagenet_c_mce({n: v["accuracy"] for n, v in results["corruptions"].items()})
     elif reference is not None:
         results["mce"] = evaluation.corruption_errors(results, reference)
     output = f.output or _default_output(f, classifier)

@@ -20,6 +20,8 @@ import tensorflow as tf
 
 from advprop_tf.attacks.pgd import pgd, random_wrong_labels
 from advprop_tf.data.corruptions import corrupt
+from advprop_tf.data.imagenet_c import ALEXNET_MEAN_ERRORS, IMAGENET_C_CORRUPTIONS
+from advprop_tf.data.imagenet_c import SEVERITIES as IMAGENET_C_SEVERITIES
 from advprop_tf.paths import join
 
 
@@ -299,6 +301,28 @@ def corruption_errors(results: dict, reference: dict) -> dict:
         per_corruption[name] = 100.0 * errors / reference_errors
     return {"corruption_error": per_corruption,
             "mce": float(np.mean(list(per_corruption.values()))) if per_corruption else None}
+
+
+def imagenet_c_mce(accuracies: dict) -> dict:
+    """{corruption: {severity: accuracy}} for all 15 x 5 -> the ImageNet-C paper's CE and mCE, in percent:
+    `corruption_errors` with AlexNet's published errors as the reference.
+
+    Raises ValueError naming the first missing corruption or severity: an mCE
+    over fewer corruptions is not the paper's number.
+    """
+    ours = {}
+    for name in IMAGENET_C_CORRUPTIONS:
+        if name not in accuracies:
+            raise ValueError(f"the mCE needs all 15 ImageNet-C corruptions; {name!r} is missing")
+        by_severity = {int(s): a for s, a in accuracies[name].items()}
+        missing = [s for s in IMAGENET_C_SEVERITIES if s not in by_severity]
+        if missing:
+            raise ValueError(f"the mCE needs severities 1-5; {name!r} lacks {missing}")
+        ours[name] = {"accuracy": {s: by_severity[s] for s in IMAGENET_C_SEVERITIES}}
+    alexnet = {name: {"accuracy": {s: 1.0 - error for s in IMAGENET_C_SEVERITIES}}
+               for name, error in ALEXNET_MEAN_ERRORS.items()}
+    return dict(corruption_errors({"corruptions": ours}, {"corruptions": alexnet}),
+                reference="AlexNet (ImageNet-C paper)")
 
 
 def results_table(results: dict) -> str:

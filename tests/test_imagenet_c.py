@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 from advprop_tf.data.corruptions import corrupt
-from advprop_tf.data.imagenet_c import IMAGENET_C_CORRUPTIONS, corrupt_exact, exact_corruption, mce
+from advprop_tf.data.imagenet_c import IMAGENET_C_CORRUPTIONS, corrupt_exact, exact_corruption
+from advprop_tf.evaluation import imagenet_c_mce as mce
 
 # The ImageNet-C paper's AlexNet errors averaged over severities, as the issue quotes them.
 ALEXNET = dict(gaussian_noise=0.886428, shot_noise=0.894468, impulse_noise=0.922640, defocus_blur=0.819880,

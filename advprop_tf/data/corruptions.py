@@ -237,17 +237,17 @@ CORRUPTIONS = {
 }
 
 
-def parse_corruptions(text: str) -> tuple:
-    """'all' or 'name,name,...' -> names; ValueError names the unknown one."""
+def parse_corruptions(text: str, valid=tuple(CORRUPTIONS), kind: str = "corruption") -> tuple:
+    """'all' or 'name,name,...' of `valid` -> names; ValueError names the unknown one."""
     text = (text or "").strip()
     if not text:
         return ()
     if text == "all":
-        return tuple(CORRUPTIONS)
+        return tuple(valid)
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     for name in names:
-        if name not in CORRUPTIONS:
-            raise ValueError(f"unknown corruption {name!r}; valid: all, {', '.join(CORRUPTIONS)}")
+        if name not in valid:
+            raise ValueError(f"unknown {kind} {name!r}; valid: all, {', '.join(valid)}")
     return names
 
 

@@ -8,8 +8,8 @@ corruptions (corruptions.py, quick and seeded, but not ImageNet-C's numbers):
     packaged with its frost images, applied to any dataset on the CPU
     (pip install -e ".[corruptions]"). Its release (1.1.2) predates NumPy 2 and
     scikit-image 0.19+; `_compat()` restores the two names it still uses.
-The mCE: CE_c = sum_s err(c, s) / sum_s err_AlexNet(c, s), mCE = 100 x mean_c CE_c
-over the 15 corruptions, with AlexNet's published errors as the reference.
+The mCE (evaluation.imagenet_c_mce): CE_c = sum_s err(c, s) / sum_s err_AlexNet(c, s),
+mCE = 100 x mean_c CE_c over the 15 corruptions, AlexNet's published errors as the reference.
 """
 
 from __future__ import annotations
@@ -34,26 +34,6 @@ BACKENDS = ("ingraph", "imagecorruptions", "tfds")
 
 def tfds_name(corruption: str, severity: int) -> str:
     return f"imagenet2012_corrupted/{corruption}_{severity}"
-
-
-def mce(accuracies: dict) -> dict:
-    """{corruption: {severity: accuracy}} for all 15 x 5 -> per-corruption CE and the mCE, in percent.
-
-    Raises ValueError naming the first missing corruption or severity: an mCE
-    over fewer corruptions is not the paper's number.
-    """
-    per_corruption = {}
-    for name in IMAGENET_C_CORRUPTIONS:
-        if name not in accuracies:
-            raise ValueError(f"the mCE needs all 15 ImageNet-C corruptions; {name!r} is missing")
-        by_severity = {int(s): a for s, a in accuracies[name].items()}
-        missing = [s for s in SEVERITIES if s not in by_severity]
-        if missing:
-            raise ValueError(f"the mCE needs severities 1-5; {name!r} lacks {missing}")
-        errors = sum(1.0 - by_severity[s] for s in SEVERITIES)
-        per_corruption[name] = 100.0 * errors / (len(SEVERITIES) * ALEXNET_MEAN_ERRORS[name])
-    return {"corruption_error": per_corruption, "mce": float(np.mean(list(per_corruption.values()))),
-            "reference": "AlexNet (ImageNet-C paper)"}
 
 
 # ------------------------------------------------------- imagecorruptions

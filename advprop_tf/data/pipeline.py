@@ -83,7 +83,7 @@ def make_keras_cv_randaugment(num_layers: int, magnitude: float):
 
     return keras_cv.layers.RandAugment(
         value_range=(0, 255), augmentations_per_image=num_layers,
-        magnitude=min(float(magnitude) / 10.0, 1.0),
+        magnitude=float(magnitude) / 10.0,
     )
 
 

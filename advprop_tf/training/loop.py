@@ -113,7 +113,8 @@ class Trainer:
         self.views = tuple(d for d in self.domains[1:] if not d.startswith("adv"))
         self._resume_step = 0
         self.train_iterator = self._make_iterator()
-        tracked = dict(model=self.model, model_weights=WeightsByPath(self.model), optimizer=self.optimizer, step=self.train_step.global_step,
+        tracked = dict(model=self.model, model_weights=WeightsByPath(self.model), optimizer=self.optimizer,
+                       step=self.train_step.global_step,
                        skipped_images=self.decode_stats.skipped)
         if self.ema is not None:
             tracked["ema"] = self.ema
