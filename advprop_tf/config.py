@@ -90,7 +90,15 @@ def define_train_flags(flag_values=FLAGS):
                       "or batch statistics that are not written back.")
     d.DEFINE_string("epsilon_schedule", "", "Fine-grained AdvProp: 'fraction:eps,...', e.g. 0:1,0.5:2,0.8:4.")
     d.DEFINE_float("clean_loss_weight", 1.0, "Weight of the clean loss.")
-    d.DEFINE_float("adv_loss_weight", 1.0, "Weight of each auxiliary domain's loss.")
+    d.DEFINE_float("adv_loss_weight", None, "Weight of each auxiliary domain's loss; default: 1 "
+                   f"(fast_advprop: {FAST_ADVPROP_ADV_WEIGHT:g}, the paper's).")
+    # -- fast_advprop (Mei et al., ICLR 2022)
+    d.DEFINE_float("adv_fraction", 0.2, "fast_advprop: share p_adv of each batch that is attacked (the rest "
+                   "is only clean); per replica round(p_adv x batch) images.")
+    d.DEFINE_float("noisy_loss_weight", 0.5, "fast_advprop: weight of the attack's own pass (the randomly "
+                   "started images through the auxiliary BN), whose gradients are reused.")
+    d.DEFINE_bool("match_vanilla_budget", True, "fast_advprop: divide every epoch count (--train_epochs, "
+                  "warm-up, decay) by p_adv x attack steps + 1, so the run costs what vanilla's would.")
     # -- optimization
     d.DEFINE_integer("train_batch_size", 2048, "Global batch of clean images.")
     d.DEFINE_integer("eval_batch_size", 1024, "Global eval batch.")
@@ -159,8 +167,29 @@ def config_from_flags(f=FLAGS):
     return types.SimpleNamespace(**{name: f[name].value for name in fv})
 
 
+FAST_ADVPROP_ADV_WEIGHT = 0.5
+# Set by the method itself: gradient reuse needs the true-label (untargeted) loss of a training-mode
+# pass, which starts at a random point by definition.
+FAST_ADVPROP_ATTACK = {"targeted": False, "random_start": True, "attack_bn_mode": "batch"}
+
+
+def adv_loss_weight(f=FLAGS) -> float:
+    """--adv_loss_weight, or the method's default."""
+    if f.adv_loss_weight is not None:
+        return f.adv_loss_weight
+    return FAST_ADVPROP_ADV_WEIGHT if f.method == "fast_advprop" else 1.0
+
+
+def _given(f, name) -> bool:
+    """Whether flag `name` was set explicitly (FlagValues know; a plain namespace does not)."""
+    try:
+        return f[name].present
+    except (TypeError, KeyError):
+        return False
+
+
 def model_domains(method: str, aux_domains) -> tuple:
-    if method == "advprop":
+    if method in ("advprop", "fast_advprop"):
         return ("clean",) + tuple(aux_domains)
     return ("clean",)
 
@@ -182,10 +211,10 @@ def validate_train_flags(f=FLAGS):
     if f.keep_checkpoints < 1:
         raise FlagError("keep_checkpoints", f"must be >= 1 (the newest checkpoint is what a resume needs), "
                         f"got {f.keep_checkpoints}")
-    for name in ("clean_loss_weight", "adv_loss_weight"):
-        if getattr(f, name) < 0:
+    for name in ("clean_loss_weight", "adv_loss_weight", "noisy_loss_weight"):
+        if getattr(f, name) is not None and getattr(f, name) < 0:
             raise FlagError(name, f"must be >= 0, got {getattr(f, name):g}")
-    if f.clean_loss_weight == 0 and (f.adv_loss_weight == 0 or f.method == "vanilla"):
+    if f.clean_loss_weight == 0 and (adv_loss_weight(f) == 0 or f.method == "vanilla"):
         raise FlagError("clean_loss_weight", "is 0 and no other loss is left to train on")
     if f.weight_decay < 0:
         raise FlagError("weight_decay", f"must be >= 0, got {f.weight_decay:g}")
@@ -253,6 +282,8 @@ def validate_train_flags(f=FLAGS):
         if f.epsilon_schedule and "adv" not in f.aux_domains:
             raise FlagError("epsilon_schedule", f"schedules the epsilon of the domain 'adv', which "
                             f"--aux_domains={','.join(f.aux_domains)} does not have")
+    if f.method == "fast_advprop":
+        _validate_fast_advprop(f)
     if f.mixed_precision == "float16" and f.tpu:
         raise FlagError("mixed_precision", "float16 is for GPUs; use bfloat16 on TPU")
     if f.tpu and f.num_gpus > 0:
@@ -290,6 +321,22 @@ def validate_train_flags(f=FLAGS):
         raise FlagError("crop_min_area", f"must be in (0, 1], got {f.crop_min_area:g}")
     if not 0 <= f.holdout_fraction < 1:
         raise FlagError("holdout_fraction", f"must be in [0, 1), got {f.holdout_fraction:g}")
+
+
+def _validate_fast_advprop(f):
+    if not 0 < f.adv_fraction < 1:
+        raise FlagError("adv_fraction", f"must be in (0, 1), got {f.adv_fraction:g}")
+    if list(f.aux_domains) != ["adv"]:
+        raise FlagError("aux_domains", f"fast_advprop has one auxiliary BN, 'adv' (its epsilon is --epsilon), "
+                        f"got {','.join(f.aux_domains)}")
+    if f.epsilon <= 0:
+        raise FlagError("epsilon", f"fast_advprop attacks: must be > 0, got {f.epsilon:g}")
+    if f.epsilon_schedule:
+        raise FlagError("epsilon_schedule", "is not supported by fast_advprop (its attack steps are fixed)")
+    for name, value in FAST_ADVPROP_ATTACK.items():
+        if _given(f, name) and getattr(f, name) != value:
+            raise FlagError(name, f"fast_advprop's attack is always {name}={value}: it reuses the attack's "
+                            "gradients, so the attack must be a training pass on the true labels")
 
 
 def _exists(path: str, flag: str) -> bool:

@@ -16,7 +16,10 @@ A method is a small function
   per-step seed.
 
 Registered methods: vanilla, advprop (N-domain when the model has more than
-two domains), adversarial (Madry), mixed (clean + adversarial through ONE BN).
+two domains), adversarial (Madry), mixed (clean + adversarial through ONE BN),
+fast_advprop (Mei et al., ICLR 2022). A method marked `@computes_gradients`
+runs its own backward passes (Fast AdvProp reuses the attack's) and returns
+(loss, gradients, metrics) instead; the loop adds weight decay and applies them.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from typing import Callable
 
 import tensorflow as tf
 
-from advprop_tf.attacks.pgd import pgd, steps_for_epsilon
+from advprop_tf.attacks.pgd import epsilon_ball, pgd, random_start, sign_step, steps_for_epsilon
+from advprop_tf.models.multi_bn import Chunks
 
 ATTACK_BN_MODES = ("batch", "inference")
 # Float16 input gradients of a summed cross-entropy are small enough to underflow; PGD only needs their sign.
@@ -88,6 +92,11 @@ class StepContext:
     # The training tape's stop_recording: the attack is not recorded on it,
     # so the update's backward pass cannot reach into the PGD loop.
     pause_recording: Callable = contextlib.nullcontext
+    # Fast AdvProp: the attacked share of each batch and the weight of the attack's own (noisy) pass.
+    adv_fraction: float = 0.2
+    noisy_weight: float = 0.5
+    # For @computes_gradients methods: the optimizer's loss scaling (float16) before each backward pass.
+    scale_loss: Callable = lambda loss: loss
 
 
 def is_adversarial_domain(name: str) -> bool:
@@ -225,11 +234,133 @@ def mixed(model, images, labels, ctx):
     return total, metrics
 
 
+def computes_gradients(method):
+    """Mark a method that does its own backward passes: it returns (loss, gradients, metrics),
+    `gradients` aligned with `model.trainable_variables` and already normalized."""
+    method.computes_gradients = True
+    return method
+
+
+def attacked_count(batch_size: int, adv_fraction: float) -> int:
+    """Images of a (per-replica) batch that Fast AdvProp attacks: round(p_adv x batch), at least 1, and
+    at least 1 left clean."""
+    if batch_size < 2:
+        raise ValueError(f"fast_advprop needs at least 2 images per replica, got {batch_size}")
+    return min(batch_size - 1, max(1, int(round(adv_fraction * batch_size))))
+
+
+def fast_advprop_budget_scale(adv_fraction: float, attack_steps: int) -> float:
+    """A Fast AdvProp step costs (1 - p) + p (k + 1) = p k + 1 vanilla steps of the same batch
+    (clean part, k attack passes whose gradients are kept, one adversarial pass): the factor the
+    paper divides the epochs by to match vanilla's cost."""
+    return adv_fraction * attack_steps + 1.0
+
+
+@computes_gradients
+def fast_advprop(model, images, labels, ctx):
+    """Fast AdvProp (Mei et al., ICLR 2022; meijieru/fast_advprop): AdvProp at about vanilla's cost.
+
+    The last round(p_adv x B) images of the batch are attacked, the rest are
+    clean. One backward pass over [clean through the main BN] + [the attacked
+    images at a random start through the auxiliary BN, batch statistics not
+    written back] yields the parameter gradients AND the input gradient of the
+    attack: the attack's gradients are kept for the update ("noisy" view),
+    not thrown away. Each further attack step (k > 1) is another such pass.
+    The attack is untargeted (its gradients train toward the true label).
+    Then one pass of the adversarial images through the auxiliary BN.
+    Loss weights clean : noisy : adversarial = ctx.clean_weight :
+    ctx.noisy_weight : ctx.adv_weight (1 : 0.5 : 0.5), and each parameter
+    group's gradient is divided by the weighted count of examples that reached
+    it (shared: all; main BN: clean; auxiliary BN: noisy + adversarial), so
+    the three groups learn at the same speed.
+    """
+    pixels = clean_view(images)
+    batch = pixels.shape[0]
+    if batch is None:
+        raise ValueError("fast_advprop needs a static per-replica batch size (batch with drop_remainder)")
+    if len(model.domains) != 2 or not is_adversarial_domain(model.domains[1]):
+        raise ValueError(f"fast_advprop needs domains (main, adv), got {model.domains}")
+    main, aux = model.domains
+    num_adv = attacked_count(batch, ctx.adv_fraction)
+    num_clean = batch - num_adv
+    clean, attacked = pixels[:num_clean], tf.cast(pixels[num_clean:], tf.float32)
+    clean_labels, adv_labels = labels[:num_clean], labels[num_clean:]
+    cfg = ctx.attack
+    epsilon, num_steps = cfg.epsilon, cfg.num_steps
+    lower, upper = epsilon_ball(attacked, epsilon)
+    x = random_start(attacked, epsilon, ctx.seed, cfg.prob_start_from_clean)
+    variables = model.trainable_variables
+    replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+    shared_count = replicas * (num_clean * ctx.clean_weight + num_adv * (num_steps * ctx.noisy_weight + ctx.adv_weight))
+    metrics = {}
+
+    def backward(x, with_clean, weighted_terms):
+        """ONE backward pass: gradients of sum(weight x summed loss) / shared_count for every variable,
+        and for the attacked images `x` when they are an input of it."""
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            objective = 0.0
+            for prefix, weight, term_labels, logits in weighted_terms(x, with_clean):
+                loss, term_metrics = _loss_and_metrics(prefix, term_labels, logits, ctx)
+                term_metrics[f"{prefix}_examples"] = tf.ones_like(loss)
+                metrics.update(term_metrics)
+                objective += weight * tf.reduce_sum(loss)
+            objective /= shared_count
+            scaled = ctx.scale_loss(objective)
+        grads = tape.gradient(scaled, variables + [x])
+        return objective, grads[:-1], grads[-1]
+
+    def noisy_terms(x, with_clean):
+        """The attack's own pass (batch statistics, not written back), after the clean images
+        through the main BN when `with_clean`: every conv runs once on [clean; noisy]."""
+        x = tf.cast(x, pixels.dtype)
+        if not with_clean:
+            return [("noisy", ctx.noisy_weight, adv_labels,
+                     model(x, training=True, domain=aux, bn_mode="batch"))]
+        logits = model(tf.concat([clean, x], 0), training=True,
+                       domain=Chunks((main, aux), (num_clean, num_adv), ("train", "batch")))
+        return [("clean", ctx.clean_weight, clean_labels, logits[:num_clean]),
+                ("noisy", ctx.noisy_weight, adv_labels, logits[num_clean:])]
+
+    def adversarial_terms(x, _):
+        return [("adv", ctx.adv_weight, adv_labels, model(tf.cast(x, pixels.dtype), training=True, domain=aux))]
+
+    total, grads, input_grad = backward(x, True, noisy_terms)
+    for _ in range(num_steps - 1):
+        x = sign_step(x, input_grad, cfg.step_size, lower, upper)
+        objective, more, input_grad = backward(x, False, noisy_terms)
+        total += objective
+        grads = _add(grads, more)
+    x_adv = tf.stop_gradient(sign_step(x, input_grad, cfg.step_size, lower, upper))
+    objective, more, _ = backward(x_adv, False, adversarial_terms)
+    grads = _add(grads, more)
+    group_count = {
+        main: replicas * num_clean * ctx.clean_weight,
+        aux: replicas * num_adv * (num_steps * ctx.noisy_weight + ctx.adv_weight),
+    }
+    grads = _rescale_domain_gradients(model, variables, grads, shared_count, group_count)
+    return total + objective, grads, metrics
+
+
+def _add(a, b):
+    return [y if x is None else x if y is None else x + y for x, y in zip(a, b)]
+
+
+def _rescale_domain_gradients(model, variables, grads, shared_count, group_count):
+    """Turn gradients normalized by the shared count into each BN domain's own weighted mean."""
+    domain_of = {id(v): d for layer in model.bn_layers() for d in layer.domains
+                 for key, v in layer.domain_variables(d).items() if key in ("gamma", "beta")}
+    factors = {d: (shared_count / count if count else 0.0) for d, count in group_count.items()}
+    return [g if g is None or id(v) not in domain_of else g * factors[domain_of[id(v)]]
+            for g, v in zip(grads, variables)]
+
+
 METHODS = {
     "vanilla": vanilla,
     "advprop": advprop,
     "adversarial": adversarial,
     "mixed": mixed,
+    "fast_advprop": fast_advprop,
 }
 
 def get_method(name: str):

@@ -36,11 +36,46 @@ def parsed(*argv, model_dir="/tmp/unused-run"):
     (["--lr_schedule=step", "--lr_decay_boundaries=70,35"], "lr_decay_boundaries", "increasing"),
     (["--weight_decay=-1e-4"], "weight_decay", "must be >= 0"),
     (["--model=resnet-51"], "model", "unknown model 'resnet-51'"),
+    (["--method=fast_advprop", "--adv_fraction=0"], "adv_fraction", "must be in (0, 1), got 0"),
+    (["--method=fast_advprop", "--adv_fraction=1"], "adv_fraction", "must be in (0, 1)"),
+    (["--method=fast_advprop", "--aux_domains=adv1,adv2"], "aux_domains", "one auxiliary BN"),
+    (["--method=fast_advprop", "--targeted"], "targeted", "always targeted=False"),
+    (["--method=fast_advprop", "--attack_bn_mode=inference"], "attack_bn_mode", "always attack_bn_mode=batch"),
+    (["--method=fast_advprop", "--norandom_start"], "random_start", "always random_start=True"),
+    (["--method=fast_advprop", "--epsilon_schedule=0:1,0.5:2"], "epsilon_schedule", "not supported"),
+    (["--method=fast_advprop", "--epsilon=0"], "epsilon", "must be > 0"),
+    (["--method=fast_advprop", "--noisy_loss_weight=-1"], "noisy_loss_weight", "must be >= 0, got -1"),
 ])
 def test_bad_values_are_one_flag_error_naming_the_flag(argv, flag, message):
     with pytest.raises(FlagError) as error:
         validate_train_flags(parsed(*argv))
     assert error.value.flag == flag and message in str(error.value) and str(error.value).startswith(f"--{flag}: ")
+
+
+def test_fast_advprop_defaults_are_the_papers():
+    from advprop_tf.config import adv_loss_weight, config_from_flags, model_domains
+
+    fv = parsed("--method=fast_advprop", "--attack_bn_mode=batch")  # agreeing explicitly is fine
+    validate_train_flags(fv)
+    cfg = config_from_flags(fv)
+    assert (cfg.adv_fraction, cfg.noisy_loss_weight, adv_loss_weight(cfg), cfg.clean_loss_weight) == (0.2, 0.5, 0.5, 1.0)
+    assert (cfg.epsilon, attack_steps(cfg), cfg.match_vanilla_budget) == (1.0, 1, True)
+    assert model_domains(cfg.method, cfg.aux_domains) == ("clean", "adv")
+    assert adv_loss_weight(parsed("--method=fast_advprop", "--adv_loss_weight=1")) == 1.0
+    assert adv_loss_weight(parsed("--method=advprop")) == 1.0
+
+
+def test_resnet50_fast_advprop_config_is_the_public_scripts_recipe(tmp_path):
+    from advprop_tf.config import config_from_flags
+    from advprop_tf.training.builders import budget_scale
+
+    fv = parsed(f"--flagfile={REPO}/configs/resnet50_fast_advprop.flags", f"--data_dir={tmp_path}",
+                model_dir=str(tmp_path / "run"))
+    validate_train_flags(fv)
+    cfg = config_from_flags(fv)
+    assert (cfg.method, cfg.adv_fraction, cfg.train_epochs, cfg.lr_decay_boundaries) == (
+        "fast_advprop", 0.2, 105, ["30", "60", "90", "100"])
+    assert budget_scale(cfg) == 1.2
 
 
 def test_a_fractional_epsilon_attacks_with_one_step():

@@ -55,6 +55,35 @@ def _seed_pair(seed, salt: int):
     return tf.stack([seed[0], seed[1] * 7919 + salt])
 
 
+def epsilon_ball(x_clean, epsilon):
+    """(lower, upper): the L-inf ball of radius `epsilon` around `x_clean`, within [0, 255]."""
+    return tf.maximum(x_clean - epsilon, PIXEL_MIN), tf.minimum(x_clean + epsilon, PIXEL_MAX)
+
+
+def random_start(x_clean, epsilon, seed=None, prob_start_from_clean=0.0):
+    """A uniform point of the epsilon-ball around float32 `x_clean`; with probability
+    `prob_start_from_clean` the whole batch starts from `x_clean` itself (one draw per call)."""
+    shape = tf.shape(x_clean)
+    if seed is None:
+        noise = tf.random.uniform(shape, -1.0, 1.0)
+        from_clean = tf.random.uniform([]) < prob_start_from_clean
+    else:
+        noise = tf.random.stateless_uniform(shape, _seed_pair(seed, 2), -1.0, 1.0)
+        from_clean = tf.random.stateless_uniform([], _seed_pair(seed, 3)) < prob_start_from_clean
+    noise = tf.where(from_clean, tf.zeros_like(noise), noise)
+    lower, upper = epsilon_ball(x_clean, epsilon)
+    return tf.clip_by_value(x_clean + epsilon * noise, lower, upper)
+
+
+def sign_step(x, grad, step_size, lower, upper):
+    """One ascent step x + step_size * sign(grad), projected on [lower, upper].
+
+    Non-finite gradient components (an overflowing scaled float16 loss) count as 0.
+    """
+    grad = tf.where(tf.math.is_finite(grad), grad, tf.zeros_like(grad))
+    return tf.clip_by_value(x + step_size * tf.sign(tf.cast(grad, x.dtype)), lower, upper)
+
+
 def _validate(epsilon, num_steps, step_size):
     """Check Python numbers eagerly; tensors are the caller's responsibility."""
     if isinstance(epsilon, numbers.Number) and epsilon < 0:
@@ -140,27 +169,14 @@ def _attack_loss(logits, labels, targeted_labels, targeted):
 
 @tf.function(autograph=False)
 def _pgd_graph(
-    logits_fn, pixels, labels, epsilon, num_steps, step_size, targeted, random_start,
+    logits_fn, pixels, labels, epsilon, num_steps, step_size, targeted, start_randomly,
     num_classes, seed, prob_start_from_clean, loss_scale,
 ):
     dtype = pixels.dtype
     x_clean = tf.cast(pixels, tf.float32)
     labels = tf.cast(labels, tf.int32)
-    lower = tf.maximum(x_clean - epsilon, PIXEL_MIN)
-    upper = tf.minimum(x_clean + epsilon, PIXEL_MAX)
-
-    if random_start:
-        shape = tf.shape(x_clean)
-        if seed is None:
-            noise = tf.random.uniform(shape, -1.0, 1.0)
-            from_clean = tf.random.uniform([]) < prob_start_from_clean
-        else:
-            noise = tf.random.stateless_uniform(shape, _seed_pair(seed, 2), -1.0, 1.0)
-            from_clean = tf.random.stateless_uniform([], _seed_pair(seed, 3)) < prob_start_from_clean
-        noise = tf.where(from_clean, tf.zeros_like(noise), noise)
-        x_start = tf.clip_by_value(x_clean + epsilon * noise, lower, upper)
-    else:
-        x_start = x_clean
+    lower, upper = epsilon_ball(x_clean, epsilon)
+    x_start = random_start(x_clean, epsilon, seed, prob_start_from_clean) if start_randomly else x_clean
 
     if targeted:
         if num_classes is None:
@@ -173,10 +189,7 @@ def _pgd_graph(
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(x)
             loss = loss_scale * _attack_loss(logits_fn(tf.cast(x, dtype)), labels, target_labels, targeted)
-        grad = tape.gradient(loss, x)
-        grad = tf.where(tf.math.is_finite(grad), grad, tf.zeros_like(grad))
-        x = x + step_size * tf.sign(grad)
-        return i + 1, tf.clip_by_value(x, lower, upper)
+        return i + 1, sign_step(x, tape.gradient(loss, x), step_size, lower, upper)
 
     _, x_adv = tf.while_loop(
         lambda i, _: i < num_steps,

@@ -2,7 +2,7 @@
 
 from advprop_tf.models.base import INPUT_NORMALIZATIONS, MultiDomainNetwork, round_filters, round_repeats
 from advprop_tf.models.efficientnet import EFFICIENTNET_NAMES, SCALING, EfficientNet, build_efficientnet
-from advprop_tf.models.multi_bn import BN_MODES, MultiBatchNormalization
+from advprop_tf.models.multi_bn import BN_MODES, Chunks, MultiBatchNormalization
 from advprop_tf.models.registry import MODEL_NAMES, build_model, model_class, model_from_config
 from advprop_tf.models.resnet import RESNET_NAMES, STAGE_DEPTHS, ResNet
 

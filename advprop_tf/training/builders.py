@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from advprop_tf.config import attack_steps, input_normalization, model_domains
+from advprop_tf.config import FAST_ADVPROP_ATTACK, adv_loss_weight, attack_steps, input_normalization, model_domains
 from advprop_tf.data.sources import parse_source
-from advprop_tf.methods import AttackConfig, get_method, parse_epsilon_schedule
+from advprop_tf.methods import AttackConfig, fast_advprop_budget_scale, get_method, parse_epsilon_schedule
 from advprop_tf.models import build_model as build_network
 from advprop_tf.training.ema import ExponentialMovingAverage
 from advprop_tf.training.optimization import make_optimizer, make_schedule, scaled_learning_rate
@@ -48,14 +48,29 @@ def meaning_flags(cfg) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Length:
-    steps_per_epoch: int
+    steps_per_epoch: int  # steps of one pass over the training data
     total_steps: int
+    # Epoch counts of the config (--train_epochs, warm-up, decay) are divided by this: 1 except
+    # for fast_advprop, whose step costs budget_scale vanilla steps (--match_vanilla_budget).
+    budget_scale: float = 1.0
+
+    @property
+    def schedule_steps_per_epoch(self) -> float:
+        return self.steps_per_epoch / self.budget_scale
+
+
+def budget_scale(cfg) -> float:
+    if cfg.method == "fast_advprop" and cfg.match_vanilla_budget:
+        return fast_advprop_budget_scale(cfg.adv_fraction, attack_steps(cfg))
+    return 1.0
 
 
 def training_length(cfg, source) -> Length:
     examples = source.num_examples("train") or cfg.num_train_examples or IMAGENET_TRAIN_EXAMPLES
     steps_per_epoch = max(1, examples // cfg.train_batch_size)
-    return Length(steps_per_epoch, cfg.train_steps or int(math.ceil(cfg.train_epochs * steps_per_epoch)))
+    scale = budget_scale(cfg)
+    total = cfg.train_steps or int(math.ceil(cfg.train_epochs / scale * steps_per_epoch))
+    return Length(steps_per_epoch, total, scale)
 
 
 def build_model(cfg, num_classes: int):
@@ -72,7 +87,7 @@ def build_optimization(cfg, model, length: Length):
     """(learning-rate schedule, optimizer, EMA or None)."""
     schedule = make_schedule(
         cfg.lr_schedule, scaled_learning_rate(cfg.train_batch_size, cfg.base_learning_rate),
-        length.steps_per_epoch, length.total_steps, cfg.warmup_epochs, cfg.lr_decay_epochs, cfg.lr_decay_rate,
+        length.schedule_steps_per_epoch, length.total_steps, cfg.warmup_epochs, cfg.lr_decay_epochs, cfg.lr_decay_rate,
         boundary_epochs=[float(e) for e in cfg.lr_decay_boundaries], warmup_from=cfg.base_learning_rate,
     )
     optimizer = make_optimizer(cfg.optimizer, schedule, model, skip_non_finite=cfg.on_nan == "skip",
@@ -82,16 +97,18 @@ def build_optimization(cfg, model, length: Length):
 
 
 def build_train_step(cfg, model, optimizer, ema, strategy, *, num_classes: int, total_steps: int, seed: int):
+    attack = dict(targeted=cfg.targeted, random_start=cfg.random_start, attack_bn_mode=cfg.attack_bn_mode)
+    if cfg.method == "fast_advprop":
+        attack.update(FAST_ADVPROP_ATTACK)
     config = StepConfig(
         global_batch_size=cfg.train_batch_size, num_classes=num_classes,
         label_smoothing=cfg.label_smoothing, weight_decay=cfg.weight_decay,
         attack=AttackConfig(cfg.epsilon, attack_steps(cfg), cfg.attack_step_size,
-                            cfg.targeted, cfg.random_start, cfg.attack_bn_mode,
                             prob_start_from_clean=cfg.prob_start_from_clean,
-                            fixed_num_steps=cfg.attack_steps is not None),
+                            fixed_num_steps=cfg.attack_steps is not None, **attack),
         epsilon_schedule=tuple(parse_epsilon_schedule(cfg.epsilon_schedule)) if cfg.epsilon_schedule else None,
-        total_steps=total_steps, clean_weight=cfg.clean_loss_weight,
-        adv_weight=cfg.adv_loss_weight, seed=seed, jit_compile=cfg.jit_compile,
-        skip_non_finite=cfg.on_nan == "skip",
+        total_steps=total_steps, clean_weight=cfg.clean_loss_weight, adv_weight=adv_loss_weight(cfg),
+        adv_fraction=cfg.adv_fraction, noisy_weight=cfg.noisy_loss_weight,
+        seed=seed, jit_compile=cfg.jit_compile, skip_non_finite=cfg.on_nan == "skip",
     )
     return TrainStep(model, get_method(cfg.method), optimizer, config, strategy, ema)

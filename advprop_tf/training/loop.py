@@ -21,6 +21,7 @@ from absl import logging
 from advprop_tf import evaluation
 from advprop_tf.data.pipeline import DecodeStats, check_readable, eval_dataset, train_dataset
 from advprop_tf.data.sources import SourceError
+from advprop_tf.methods import attacked_count
 from advprop_tf.models.base import WeightsByPath
 from advprop_tf.serving import export
 from advprop_tf.training import builders
@@ -97,6 +98,12 @@ class Trainer:
         self.num_classes = cfg.num_classes or self.source.num_classes
         length = builders.training_length(cfg, self.source)
         self.steps_per_epoch, self.total_steps = length.steps_per_epoch, length.total_steps
+        if length.budget_scale != 1:
+            per_replica = cfg.train_batch_size // replicas
+            logging.info("fast_advprop: %d of each replica's %d images attacked (--adv_fraction=%g); every epoch "
+                         "count divided by %.3f (p_adv x attack steps + 1, --match_vanilla_budget): %d steps",
+                         attacked_count(per_replica, cfg.adv_fraction), per_replica, cfg.adv_fraction,
+                         length.budget_scale, self.total_steps)
         self.decode_stats = DecodeStats()
         self.seed = self._agreed(self.run_dir.seed(cfg.seed))
         if cfg.seed is not None:
@@ -282,13 +289,14 @@ class Trainer:
         return results
 
     def _log(self, step, n, sums, images_per_second, eta_seconds):
-        examples = max(sums["examples"], 1.0)
         lr = float(self.schedule(step))
         parts = [f"step {step}/{self.total_steps}", f"loss {sums['loss'] / n:.4f}"]
         scalars = {"loss": sums["loss"] / n, "learning_rate": lr, "images_per_second": images_per_second}
         for key in sorted(sums):
             if key.endswith("_correct"):
                 name = key[: -len("_correct")]
+                # a method that trains on parts of the batch (fast_advprop) counts each part's examples
+                examples = max(sums.get(f"{name}_examples", sums["examples"]), 1.0)
                 scalars[f"{name}/accuracy"] = sums[key] / examples
                 scalars[f"{name}/loss"] = sums[f"{name}_loss"] / examples
                 parts.append(f"{name} acc {sums[key] / examples:.3f}")

@@ -38,7 +38,7 @@ EVAL_RESULTS = "eval_results.json"
 # Flags that change what a run IS: resuming with another value would silently
 # train a different model, schedule or data (the global batch sets the learning
 # rate and the steps per epoch).
-MEANING_FLAGS = ("model", "method", "aux_domains", "train_batch_size", "resolution", "num_classes",
+MEANING_FLAGS = ("model", "method", "aux_domains", "adv_fraction", "train_batch_size", "resolution", "num_classes",
                  "dataset", "width_coefficient", "depth_coefficient")
 
 

@@ -28,6 +28,8 @@ class StepConfig:
     total_steps: int = 1
     clean_weight: float = 1.0
     adv_weight: float = 1.0
+    adv_fraction: float = 0.2  # fast_advprop: attacked share of each batch
+    noisy_weight: float = 0.5  # fast_advprop: weight of the attack's own pass
     seed: int = 0
     jit_compile: bool = False
     skip_non_finite: bool = False  # a step with a non-finite loss changes nothing (pair with a LossScaleOptimizer)
@@ -75,20 +77,30 @@ class TrainStep:
         return StepContext(
             loss_fn=self.loss_fn, attack=cfg.attack, epsilon=epsilon, num_steps=num_steps,
             seed=seed, clean_weight=cfg.clean_weight, adv_weight=cfg.adv_weight,
+            adv_fraction=cfg.adv_fraction, noisy_weight=cfg.noisy_weight, scale_loss=self.optimizer.scale_loss,
         )
 
     def _compute_gradients(self, images, labels, step):
         cfg = self.config
         num_replicas = self.strategy.num_replicas_in_sync
         variables = self.model.trainable_variables
-        with tf.GradientTape() as tape:
-            ctx = self._context(step)
-            ctx.pause_recording = tape.stop_recording
-            loss_sum, metrics = self.method(self.model, images, labels, ctx)
-            loss = loss_sum / cfg.global_batch_size
-            loss += weight_decay_loss(self.model, cfg.weight_decay) / num_replicas
-            scaled = self.optimizer.scale_loss(loss)
-        grads = tape.gradient(scaled, variables)
+        ctx = self._context(step)
+        if getattr(self.method, "computes_gradients", False):
+            loss, grads, metrics = self.method(self.model, images, labels, ctx)
+            with tf.GradientTape() as tape:
+                decay = weight_decay_loss(self.model, cfg.weight_decay) / num_replicas
+                scaled = self.optimizer.scale_loss(decay)
+            loss += decay
+            grads = [g if d is None else d if g is None else g + d
+                     for g, d in zip(grads, tape.gradient(scaled, variables))]
+        else:
+            with tf.GradientTape() as tape:
+                ctx.pause_recording = tape.stop_recording
+                loss_sum, metrics = self.method(self.model, images, labels, ctx)
+                loss = loss_sum / cfg.global_batch_size
+                loss += weight_decay_loss(self.model, cfg.weight_decay) / num_replicas
+                scaled = self.optimizer.scale_loss(loss)
+            grads = tape.gradient(scaled, variables)
         sums = {k: tf.reduce_sum(v) for k, v in metrics.items()}
         sums["loss"] = loss
         sums["examples"] = tf.cast(tf.shape(labels)[0], tf.float32)
