@@ -50,3 +50,29 @@ def test_compare_methods_names_a_bad_method(tmp_path):
                              "--methods=vanilla,madry"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2
     assert "compare_methods: error: --methods: unknown method 'madry'" in result.stderr
+
+
+def test_seeds_and_an_equal_time_budget(tmp_path):
+    """Each method trains budget / (its measured s/step) steps, once per seed; the table gives mean ± std."""
+    overrides = ["--synthetic_examples=64", "--width_coefficient=0.25", "--depth_coefficient=0.25",
+                 "--resolution=32", "--train_batch_size=10", "--eval_batch_size=32", "--export=false",
+                 "--steps_per_loop=4"]
+    cmd = [sys.executable, "tools/compare_methods.py", "--config=configs/demo.flags",
+           *[f"--override={o}" for o in overrides], f"--output_dir={tmp_path}", "--corruptions=contrast",
+           "--severities=1", "--eval_max_batches=1", "--eval_batch_size=16", "--methods=vanilla,advprop",
+           "--seeds=0,1", "--time_budget_seconds=0.4"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = {row["method"]: row for row in json.load(open(tmp_path / "comparison.json"))["summary"]}
+    assert summary["vanilla"]["seeds"] == summary["advprop"]["seeds"] == [0, 1]
+    # AdvProp's step costs about twice vanilla's: the same budget buys it fewer steps
+    assert 1 <= summary["advprop"]["train_steps"] < summary["vanilla"]["train_steps"]
+    for method in ("vanilla", "advprop"):
+        for seed in (0, 1):
+            stats = json.load(open(tmp_path / f"seed{seed}" / method / "train_stats.json"))
+            assert stats["steps"] == summary[method]["train_steps"] and stats["finished"]
+    assert summary["vanilla"]["clean_top_1_std"] is not None
+    table = (tmp_path / "comparison.md").read_text()
+    assert "same training budget of 0.4 s" in table and "Seeds 0, 1: mean ± sample std." in table
+    row = next(line for line in table.splitlines() if line.startswith("| advprop |"))
+    assert row.count(" ± ") == 3 and f"| {summary['advprop']['train_steps']} |" in row

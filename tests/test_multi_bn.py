@@ -204,3 +204,39 @@ def test_synchronized_statistics_span_replicas():
     np.testing.assert_allclose(
         sync_layer.domain_variables("adv")["moving_variance"], all_adv.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-4
     )
+
+
+def test_fused_batch_statistics_have_the_gradients_of_the_plain_formula():
+    """Batch-statistics BN runs as TensorFlow's fused op; its backward equals moments + batch_normalization."""
+    layer = make_layer()
+    x = tf.constant(np.random.default_rng(5).normal(2.0, 3.0, size=(6, 3, 3, 4)).astype("float32"))
+    upstream = tf.constant(np.random.default_rng(6).normal(size=(6, 3, 3, 4)).astype("float32"))
+    v = layer.domain_variables("adv")
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        fused = tf.reduce_sum(upstream * layer(x, training=True, domain="adv", bn_mode="batch"))
+        mean, var = tf.nn.moments(x, [0, 1, 2])
+        plain = tf.reduce_sum(upstream * tf.nn.batch_normalization(x, mean, var, v["beta"], v["gamma"], 1e-3))
+    for target in (x, v["gamma"], v["beta"]):
+        np.testing.assert_allclose(tape.gradient(fused, target), tape.gradient(plain, target), rtol=1e-4, atol=1e-5)
+
+
+def test_uneven_chunks_route_each_part_in_its_own_mode():
+    from advprop_tf.models.multi_bn import Chunks
+
+    layer, reference = make_layer(), make_layer()
+    x = np.random.default_rng(7).normal(1.0, 2.0, size=(7, 3, 3, 4)).astype("float32")
+    y = layer(x, training=True, domain=Chunks(("clean", "adv"), (5, 2), ("train", "batch"))).numpy()
+    np.testing.assert_allclose(y[:5], reference(x[:5], training=True, domain="clean").numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y[5:], reference(x[5:], training=True, domain="adv", bn_mode="batch").numpy(),
+                               rtol=1e-5, atol=1e-5)
+    got, want = snapshot(layer), snapshot(reference)
+    for d in layer.domains:  # clean updated from its 5 images, adv not at all ("batch")
+        for k in got[d]:
+            np.testing.assert_allclose(got[d][k], want[d][k], rtol=1e-6, err_msg=f"{d}/{k}")
+    assert not np.allclose(got["clean"]["moving_mean"], snapshot(make_layer())["clean"]["moving_mean"])
+    np.testing.assert_array_equal(got["adv"]["moving_mean"], snapshot(make_layer())["adv"]["moving_mean"])
+    with pytest.raises(ValueError, match="not the 6 images"):
+        layer(x, training=True, domain=Chunks(("clean", "adv"), (4, 2)))
+    with pytest.raises(ValueError, match="one size and BN mode per domain"):
+        Chunks(("clean", "adv"), (7,))

@@ -1,4 +1,5 @@
-"""Train vanilla, mixed, adversarial, AdvProp and adversarial-then-clean from one config, compare them.
+"""Train vanilla, mixed, adversarial, AdvProp, Fast AdvProp and adversarial-then-clean from one config,
+compare them.
 
   python tools/compare_methods.py --config=configs/imagenette.flags \
       --override=--dataset=folder:../shared/data/imagenette-train --override=--train_epochs=3 \
@@ -15,6 +16,13 @@ Every run is then measured by advprop_tf.evaluate (EMA weights, main BN) on its
 validation split: clean top-1, PGD accuracy, mean corruption accuracy. Writes
 <output_dir>/comparison.md (table), comparison.json and comparison.png (chart,
 when matplotlib is installed).
+
+--seeds=0,1,2 trains every method once per seed into <output_dir>/seed<k>/<method>
+and tables mean ± std. --time_budget_seconds=S gives every method the same
+wall-clock budget: each method's seconds per step is measured first (all methods
+interleaved in this process, random batches of the config's size), then each trains
+S / (s/step) steps. The runs are fixed-length from then on, so a busy machine
+stretches the wall time but does not change what is compared.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
-METHODS = ("vanilla", "mixed", "adversarial", "advprop", "adversarial_then_clean")
+METHODS = ("vanilla", "mixed", "adversarial", "advprop", "fast_advprop", "adversarial_then_clean")
 # A recipe: (training method, share of the training length) per stage, each from the previous one's weights.
 RECIPES = {"adversarial_then_clean": ("adversarial", "vanilla")}
 
@@ -50,6 +58,10 @@ flags.DEFINE_integer("eval_batch_size", 64, "Evaluation batch.")
 flags.DEFINE_integer("eval_max_batches", 0, "Evaluate only this many batches (0: the whole split).")
 flags.DEFINE_float("finetune_fraction", 0.25, "adversarial_then_clean: the share of the training length "
                    "spent on clean fine-tuning.")
+flags.DEFINE_list("seeds", [], "Train every method once per seed, in <output_dir>/seed<k>/<method>; the table "
+                  "gives mean ± std. Default: the config's seed, one run per method in <output_dir>/<method>.")
+flags.DEFINE_float("time_budget_seconds", 0.0, "The same wall-clock training budget for every method: its "
+                   "s/step is measured first, then it trains budget / (s/step) steps. 0: the config's length.")
 FLAGS = flags.FLAGS
 
 
@@ -195,9 +207,114 @@ def write_chart(rows, path, pgd_label):
     return True
 
 
+def calibrate(stage_configs):
+    """Seconds per training step of each (method, stage) config: all timed interleaved in this process on
+    random batches of the config's batch size and resolution (the input pipeline is not the bottleneck)."""
+    from advprop_tf.benchmarking import time_interleaved
+    from advprop_tf.training import builders
+
+    runs = {}
+    for key, cfg in stage_configs.items():
+        source = builders.build_source(cfg)
+        num_classes = cfg.num_classes or source.num_classes
+        length = builders.training_length(cfg, source)
+        model = builders.build_model(cfg, num_classes)
+        _, optimizer, ema = builders.build_optimization(cfg, model, length)
+        step = builders.build_train_step(cfg, model, optimizer, ema, tf.distribute.get_strategy(),
+                                         num_classes=num_classes, total_steps=length.total_steps, seed=0)
+        size = model.resolution
+        pixels = tf.random.uniform([cfg.train_batch_size, size, size, 3], 0, 255)
+        labels = tf.random.uniform([cfg.train_batch_size], 0, num_classes, tf.int32)
+        runs[key] = lambda step=step, pixels=pixels, labels=labels: step.run_batch(pixels, labels)["loss"]
+    seconds = time_interleaved(runs, warmup=3, rounds=5, steps=4)
+    for key, value in seconds.items():
+        print(f"[calibration] {key[0]}{'' if key[1] is None else f' stage {key[1]}'}: {value:.3f} s/step", flush=True)
+    return seconds
+
+
+def apply_budget(stages, seconds_per_step, budget):
+    """Set train_steps so that every method's stages together take `budget` seconds."""
+    for method, configs in stages.items():
+        shares = [1.0] if len(configs) == 1 else [1.0 - FLAGS.finetune_fraction, FLAGS.finetune_fraction]
+        for i, (cfg, share) in enumerate(zip(configs, shares)):
+            key = (method, None if len(configs) == 1 else i)
+            cfg.train_steps = max(1, int(round(share * budget / seconds_per_step[key])))
+
+
+def plan(seed, existing):
+    """The validated configs of every method's stages for one seed (None: the config's own)."""
+    from advprop_tf.paths import join
+
+    base = FLAGS.output_dir if seed is None else join(FLAGS.output_dir, f"seed{seed}")
+    overrides = list(FLAGS.override) + ([] if seed is None else [f"--seed={seed}"])
+    stages = {}
+    for m in FLAGS.methods:
+        model_dir = existing.get(m, join(base, m))
+        if m in RECIPES and m not in existing:
+            stages[m] = recipe_stages(FLAGS.config, overrides, m, model_dir)
+        else:
+            stages[m] = [training_flags(FLAGS.config, overrides, RECIPES.get(m, (m,))[-1], model_dir)]
+    return stages
+
+
+def run_method(method, configs, existing):
+    """Train (or reuse) one method's stages and evaluate its final run: one row of the comparison."""
+    from advprop_tf.training.run_dir import RunDir
+
+    cfg = configs[-1]
+    if method in existing and not RunDir(cfg.model_dir).read_stats():
+        stats = {"train_seconds": 0.0, "images_per_second": None}
+    else:
+        stats = combined([train(f"{method}:{c.method}" if len(configs) > 1 else method, c) for c in configs])
+    results = measure(method, cfg.model_dir)
+    return {
+        "method": method, "model_dir": cfg.model_dir, "seed": cfg.seed, "clean_top_1": results["clean"]["top_1"],
+        "clean_top_5": results["clean"]["top_5"], "pgd_accuracy": results["pgd"]["accuracy"],
+        "mean_corruption_accuracy": results.get("mean_corruption_accuracy"),
+        "train_steps": sum(c.train_steps or 0 for c in configs) or None,
+        "train_seconds": stats["train_seconds"], "images_per_second": stats["images_per_second"],
+        "examples": results["examples"], "evaluation": results,
+    }
+
+
+METRICS = ("clean_top_1", "pgd_accuracy", "mean_corruption_accuracy", "train_seconds", "images_per_second")
+
+
+def summarize(rows):
+    """One row per method: the mean of each metric over seeds, and its sample std (`<metric>_std`)."""
+    import numpy as np
+
+    summary = []
+    for method in dict.fromkeys(row["method"] for row in rows):
+        mine = [row for row in rows if row["method"] == method]
+        out = {"method": method, "seeds": [row["seed"] for row in mine], "train_steps": mine[0]["train_steps"]}
+        for key in METRICS:
+            values = [row[key] for row in mine if row[key] is not None]
+            out[key] = float(np.mean(values)) if values else None
+            out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        summary.append(out)
+    return summary
+
+
+def seeds_table(summary, pgd_label):
+    def cell(row, key):
+        if row[key] is None:
+            return "n/a"
+        return f"{row[key]:.4f} ± {row[key + '_std']:.4f}" if row[key + "_std"] is not None else f"{row[key]:.4f}"
+
+    lines = [f"| method | clean top-1 | {pgd_label} | mean ImageNet-C-style corruption acc. | steps | "
+             "training time | images/s |", "|---|---|---|---|---|---|---|"]
+    for row in summary:
+        rate = f"{row['images_per_second']:.1f}" if row["images_per_second"] else "n/a"
+        lines.append(f"| {row['method']} | {cell(row, 'clean_top_1')} | {cell(row, 'pgd_accuracy')} | "
+                     f"{cell(row, 'mean_corruption_accuracy')} | {row['train_steps'] or 'config'} | "
+                     f"{row['train_seconds'] / 60:.1f} min | {rate} |")
+    return "\n".join(lines)
+
+
 def compare():
     from advprop_tf.paths import join
-    from advprop_tf.training.run_dir import RunDir, write_atomically, write_json
+    from advprop_tf.training.run_dir import write_atomically, write_json
 
     if not FLAGS.output_dir:
         raise CompareError("--output_dir: is required")
@@ -208,6 +325,14 @@ def compare():
             raise CompareError(f"--methods: unknown method {method!r}; valid: {', '.join(METHODS)}")
     if not 0 < FLAGS.finetune_fraction < 1:
         raise CompareError(f"--finetune_fraction: must be in (0, 1), got {FLAGS.finetune_fraction:g}")
+    if FLAGS.time_budget_seconds < 0:
+        raise CompareError(f"--time_budget_seconds: must be >= 0, got {FLAGS.time_budget_seconds:g}")
+    try:
+        seeds = [int(s) for s in FLAGS.seeds] or [None]
+    except ValueError:
+        raise CompareError(f"--seeds: must be integers, got {','.join(FLAGS.seeds)}") from None
+    if FLAGS.model_dirs and FLAGS.seeds:
+        raise CompareError("--model_dirs: takes one existing run per method, so not with --seeds")
     existing = {}
     for item in FLAGS.model_dirs:
         method, _, path = item.partition("=")
@@ -215,41 +340,30 @@ def compare():
             raise CompareError(f"--model_dirs: {item!r} is not method=<existing directory> for a compared method")
         existing[method] = path
     started = time.time()
-    stages = {}  # all validated before the first one trains
-    for m in FLAGS.methods:
-        model_dir = existing.get(m, join(FLAGS.output_dir, m))
-        if m in RECIPES and m not in existing:
-            stages[m] = recipe_stages(FLAGS.config, FLAGS.override, m, model_dir)
-        else:
-            stages[m] = [training_flags(FLAGS.config, FLAGS.override, RECIPES.get(m, (m,))[-1], model_dir)]
-    rows = []
-    for method in FLAGS.methods:
-        cfg = stages[method][-1]
-        if method in existing and not RunDir(cfg.model_dir).read_stats():
-            stats = {"train_seconds": 0.0, "images_per_second": None}
-        else:
-            stats = combined([train(f"{method}:{c.method}" if len(stages[method]) > 1 else method, c)
-                              for c in stages[method]])
-        results = measure(method, cfg.model_dir)
-        rows.append({
-            "method": method, "model_dir": cfg.model_dir, "clean_top_1": results["clean"]["top_1"],
-            "clean_top_5": results["clean"]["top_5"], "pgd_accuracy": results["pgd"]["accuracy"],
-            "mean_corruption_accuracy": results.get("mean_corruption_accuracy"),
-            "train_seconds": stats["train_seconds"], "images_per_second": stats["images_per_second"],
-            "examples": results["examples"], "evaluation": results,
-        })
+    plans = {seed: plan(seed, existing) for seed in seeds}  # all validated before the first one trains
+    if FLAGS.time_budget_seconds:
+        first = plans[seeds[0]]
+        seconds = calibrate({(m, None if len(c) == 1 else i): cfg for m, c in first.items() for i, cfg in enumerate(c)})
+        for stages in plans.values():
+            apply_budget(stages, seconds, FLAGS.time_budget_seconds)
+    rows = [run_method(method, plans[seed][method], existing) for seed in seeds for method in FLAGS.methods]
     pgd = rows[0]["evaluation"]["pgd"]
     pgd_label = f"PGD-{pgd['num_steps']} ε={pgd['epsilon']:g} acc." + (" (targeted)" if pgd["targeted"] else "")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     wall = time.time() - started
-    table = markdown_table(rows, pgd_label)
+    summary = summarize(rows)
+    table = markdown_table(rows, pgd_label) if len(seeds) == 1 else seeds_table(summary, pgd_label)
+    budget = (f" Every method had the same training budget of {FLAGS.time_budget_seconds:g} s (steps from "
+              "its measured s/step)." if FLAGS.time_budget_seconds else "")
     tf.io.gfile.makedirs(FLAGS.output_dir)
-    have_chart = write_chart(rows, join(FLAGS.output_dir, "comparison.png"), pgd_label)
+    have_chart = write_chart(summary if len(seeds) > 1 else rows, join(FLAGS.output_dir, "comparison.png"), pgd_label)
+    seeds_note = f" Seeds {', '.join(map(str, seeds))}: mean ± sample std." if len(seeds) > 1 else ""
     write_atomically(join(FLAGS.output_dir, "comparison.md"),
                      f"Command: `{command}`\n\nWall time: {wall / 60:.1f} min; evaluated on "
-                     f"{rows[0]['examples']} held-out images.\n\n{table}\n"
+                     f"{rows[0]['examples']} held-out images.{budget}{seeds_note}\n\n{table}\n"
                      + ("\n![comparison](comparison.png)\n" if have_chart else ""))
-    write_json(join(FLAGS.output_dir, "comparison.json"), {"command": command, "wall_seconds": wall, "rows": rows})
+    write_json(join(FLAGS.output_dir, "comparison.json"),
+               {"command": command, "wall_seconds": wall, "rows": rows, "summary": summary})
     print(table)
     if not have_chart:
         print("(no chart: pip install matplotlib to get comparison.png)")
