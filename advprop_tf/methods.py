@@ -294,13 +294,13 @@ def fast_advprop(model, images, labels, ctx):
     shared_count = replicas * (num_clean * ctx.clean_weight + num_adv * (num_steps * ctx.noisy_weight + ctx.adv_weight))
     metrics = {}
 
-    def backward(x, with_clean, weighted_terms):
-        """ONE backward pass: gradients of sum(weight x summed loss) / shared_count for every variable,
-        and for the attacked images `x` when they are an input of it."""
+    def backward(x, weighted_terms):
+        """ONE backward pass: gradients of sum(weight x summed loss) / shared_count for every variable
+        and for the attacked images `x`, whose forward passes `weighted_terms(x)` makes."""
         with tf.GradientTape() as tape:
             tape.watch(x)
             objective = 0.0
-            for prefix, weight, term_labels, logits in weighted_terms(x, with_clean):
+            for prefix, weight, term_labels, logits in weighted_terms(tf.cast(x, pixels.dtype)):
                 loss, term_metrics = _loss_and_metrics(prefix, term_labels, logits, ctx)
                 term_metrics[f"{prefix}_examples"] = tf.ones_like(loss)
                 metrics.update(term_metrics)
@@ -310,30 +310,29 @@ def fast_advprop(model, images, labels, ctx):
         grads = tape.gradient(scaled, variables + [x])
         return objective, grads[:-1], grads[-1]
 
-    def noisy_terms(x, with_clean):
-        """The attack's own pass (batch statistics, not written back), after the clean images
-        through the main BN when `with_clean`: every conv runs once on [clean; noisy]."""
-        x = tf.cast(x, pixels.dtype)
-        if not with_clean:
-            return [("noisy", ctx.noisy_weight, adv_labels,
-                     model(x, training=True, domain=aux, bn_mode="batch"))]
+    def clean_and_noisy_terms(x):
+        """Every conv runs once on [clean; noisy]: the clean images through the main BN, the attack's
+        own pass through the auxiliary BN with batch statistics that are not written back."""
         logits = model(tf.concat([clean, x], 0), training=True,
                        domain=Chunks((main, aux), (num_clean, num_adv), ("train", "batch")))
         return [("clean", ctx.clean_weight, clean_labels, logits[:num_clean]),
                 ("noisy", ctx.noisy_weight, adv_labels, logits[num_clean:])]
 
-    def adversarial_terms(x, _):
-        return [("adv", ctx.adv_weight, adv_labels, model(tf.cast(x, pixels.dtype), training=True, domain=aux))]
+    def noisy_terms(x):
+        return [("noisy", ctx.noisy_weight, adv_labels, model(x, training=True, domain=aux, bn_mode="batch"))]
 
-    total, grads, input_grad = backward(x, True, noisy_terms)
+    def adversarial_terms(x):
+        return [("adv", ctx.adv_weight, adv_labels, model(x, training=True, domain=aux))]
+
+    total, grads, input_grad = backward(x, clean_and_noisy_terms)
     for _ in range(num_steps - 1):
         x = sign_step(x, input_grad, cfg.step_size, lower, upper)
-        objective, more, input_grad = backward(x, False, noisy_terms)
+        objective, more, input_grad = backward(x, noisy_terms)
         total += objective
-        grads = _add(grads, more)
+        grads = add_gradients(grads, more)
     x_adv = tf.stop_gradient(sign_step(x, input_grad, cfg.step_size, lower, upper))
-    objective, more, _ = backward(x_adv, False, adversarial_terms)
-    grads = _add(grads, more)
+    objective, more, _ = backward(x_adv, adversarial_terms)
+    grads = add_gradients(grads, more)
     group_count = {
         main: replicas * num_clean * ctx.clean_weight,
         aux: replicas * num_adv * (num_steps * ctx.noisy_weight + ctx.adv_weight),
@@ -342,7 +341,8 @@ def fast_advprop(model, images, labels, ctx):
     return total + objective, grads, metrics
 
 
-def _add(a, b):
+def add_gradients(a, b):
+    """Element-wise sum of two gradient lists in which None means zero."""
     return [y if x is None else x if y is None else x + y for x, y in zip(a, b)]
 
 

@@ -9,11 +9,16 @@ of the attack reused) costs p_adv + 1 = 1.2 vanilla steps of the same batch
 in compute; its epochs are divided by that factor, so its images/s at equal
 cost is vanilla's.
 
-  python tools/benchmark_methods.py [--jit_compile] [--json]
+  python tools/benchmark_methods.py [--jit_compile] [--json] [--torch_python=/path/to/torch-venv/bin/python]
+
+--torch_python runs tools/benchmark_torch_peer.py (timm B0 + two BNs, the PyTorch
+AdvProp recipe) with that interpreter in the same invocation, after ours, on the
+same batch, resolution and classes, and prints our AdvProp PGD-1 images/s over its.
 """
 
 import json
 import os
+import subprocess
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -29,6 +34,7 @@ flags.DEFINE_integer("steps", 3, "Steps per round.")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile attack + forward + backward.")
 flags.DEFINE_enum("attack_bn_mode", "inference", ["batch", "inference"], "BN mode during the attack.")
 flags.DEFINE_float("adv_fraction", 0.2, "fast_advprop: attacked share of the batch.")
+flags.DEFINE_string("torch_python", None, "An interpreter with torch and timm: also time the PyTorch peer.")
 flags.DEFINE_bool("json", False, "Print a JSON line last.")
 
 
@@ -84,8 +90,25 @@ def main(argv):
     )
     print(f"  fast_advprop attacks round({FLAGS.adv_fraction:g} x {batch}) images; its compute is "
           f"{FLAGS.adv_fraction:g} + 1 vanilla steps (target ratio <= 1.3, stretch <= 1.1)")
+    if FLAGS.torch_python:
+        peer = torch_peer(size, batch)
+        ratio = peer["advprop_pgd1_s"] / times["advprop_pgd1"]
+        print(f"  PyTorch peer (torch {peer['torch']}, timm {peer['timm']}, {peer['threads']} threads): vanilla "
+              f"{peer['vanilla_s']:.3f} s/step, AdvProp PGD-1 {peer['advprop_pgd1_s']:.3f} s/step "
+              f"{batch / peer['advprop_pgd1_s']:.1f} images/s; ours / peer images/s: AdvProp PGD-1 {ratio:.2f} "
+              f"(target >= 1.3), vanilla {peer['vanilla_s'] / times['vanilla']:.2f}")
+        result.update(peer_vanilla_s=peer["vanilla_s"], peer_advprop_pgd1_s=peer["advprop_pgd1_s"],
+                      advprop_pgd1_speedup_over_peer=round(ratio, 3))
     if FLAGS.json:
         print(json.dumps(result))
+
+
+def torch_peer(size, batch):
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_torch_peer.py")
+    out = subprocess.run([FLAGS.torch_python, script, f"--batch_size={batch}", f"--resolution={size}",
+                          f"--num_classes={FLAGS.num_classes}", f"--rounds={FLAGS.rounds}", f"--steps={FLAGS.steps}"],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import dataclasses
 import tensorflow as tf
 
 from advprop_tf.attacks.pgd import steps_for_epsilon
-from advprop_tf.methods import AttackConfig, StepContext, scheduled_epsilon
+from advprop_tf.methods import AttackConfig, StepContext, add_gradients, scheduled_epsilon
 from advprop_tf.training.optimization import make_loss_fn, weight_decay_loss
 
 
@@ -91,8 +91,7 @@ class TrainStep:
                 decay = weight_decay_loss(self.model, cfg.weight_decay) / num_replicas
                 scaled = self.optimizer.scale_loss(decay)
             loss += decay
-            grads = [g if d is None else d if g is None else g + d
-                     for g, d in zip(grads, tape.gradient(scaled, variables))]
+            grads = add_gradients(grads, tape.gradient(scaled, variables))
         else:
             with tf.GradientTape() as tape:
                 ctx.pause_recording = tape.stop_recording
