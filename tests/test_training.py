@@ -282,10 +282,13 @@ def test_batch_not_divisible_by_replicas(tmp_path):
         Trainer(tiny_config(tmp_path, train_batch_size=7), two_cpu_strategy())
 
 
-def test_float16_training_step_uses_loss_scaling():
-    """mixed_float16: float32 variables, a LossScaleOptimizer, finite loss, weights move."""
+@pytest.mark.parametrize("method", ["advprop", "fast_advprop"])
+def test_float16_training_step_uses_loss_scaling(method):
+    """mixed_float16: float32 variables, a LossScaleOptimizer, finite loss, weights move (fast_advprop
+    scales each of its own backward passes)."""
     import keras
 
+    from advprop_tf.config import FAST_ADVPROP_ATTACK
     from advprop_tf.methods import AttackConfig, get_method
     from advprop_tf.training.optimization import make_optimizer, make_schedule
     from advprop_tf.training.step import StepConfig, TrainStep
@@ -295,8 +298,9 @@ def test_float16_training_step_uses_loss_scaling():
     model = tiny_model()
     optimizer = make_optimizer("rmsprop", make_schedule("constant", 0.01, 10, 10, 0), model, loss_scaling=True)
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-    step = TrainStep(model, get_method("advprop"), optimizer,
-                     StepConfig(global_batch_size=8, num_classes=10, attack=AttackConfig(epsilon=2, num_steps=1)))
+    attack = AttackConfig(epsilon=2, num_steps=1, **({} if method == "advprop" else FAST_ADVPROP_ATTACK))
+    step = TrainStep(model, get_method(method), optimizer,
+                     StepConfig(global_batch_size=8, num_classes=10, attack=attack))
     before = [v.numpy().copy() for v in model.trainable_variables]
     x, y = next(iter(synthetic_batches(8)))
     # Dynamic loss scaling starts at 2**15: float16 gradients overflow and those

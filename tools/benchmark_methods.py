@@ -34,6 +34,8 @@ flags.DEFINE_integer("steps", 3, "Steps per round.")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile attack + forward + backward.")
 flags.DEFINE_enum("attack_bn_mode", "inference", ["batch", "inference"], "BN mode during the attack.")
 flags.DEFINE_float("adv_fraction", 0.2, "fast_advprop: attacked share of the batch.")
+flags.DEFINE_bool("breakdown", False, "Also time the parts of the steps: the attack alone, the 2B update with "
+                  "split BN (AdvProp at epsilon 0), the 2B update through one BN, vanilla on the attacked share.")
 flags.DEFINE_string("torch_python", None, "An interpreter with torch and timm: also time the PyTorch peer.")
 flags.DEFINE_bool("json", False, "Print a JSON line last.")
 
@@ -44,7 +46,8 @@ def main(argv):
 
     from advprop_tf.benchmarking import time_interleaved
     from advprop_tf.config import FAST_ADVPROP_ADV_WEIGHT, FAST_ADVPROP_ATTACK
-    from advprop_tf.methods import AttackConfig, get_method
+    from advprop_tf.methods import AttackConfig, StepContext, attack, attacked_count, get_method
+    from advprop_tf.training.optimization import make_loss_fn
     from advprop_tf.models import build_model
     from advprop_tf.training.optimization import make_optimizer, make_schedule
     from advprop_tf.training.step import StepConfig, TrainStep
@@ -53,18 +56,25 @@ def main(argv):
     pixels = tf.random.uniform([batch, size, size, 3], 0, 255)
     labels = tf.random.uniform([batch], 0, FLAGS.num_classes, tf.int32)
 
-    def make(method, pgd_steps):
+    def make(method, pgd_steps, images=pixels, targets=labels):
         domains = ("clean", "adv") if "advprop" in method else ("clean",)
         model = build_model(FLAGS.model, num_classes=FLAGS.num_classes, domains=domains)
         optimizer = make_optimizer("rmsprop", make_schedule("constant", 0.01, 100, 100, 0), model)
         fast = method == "fast_advprop"
         attack = dict(FAST_ADVPROP_ATTACK) if fast else dict(attack_bn_mode=FLAGS.attack_bn_mode)
         attack = AttackConfig(epsilon=pgd_steps, num_steps=pgd_steps, step_size=1.0, **attack)
-        config = StepConfig(global_batch_size=batch, num_classes=FLAGS.num_classes, attack=attack,
+        config = StepConfig(global_batch_size=int(images.shape[0]), num_classes=FLAGS.num_classes, attack=attack,
                             jit_compile=FLAGS.jit_compile, adv_fraction=FLAGS.adv_fraction,
                             adv_weight=FAST_ADVPROP_ADV_WEIGHT if fast else 1.0)
         step = TrainStep(model, get_method(method), optimizer, config)
-        return lambda: step.run_batch(pixels, labels)["loss"]
+        return lambda: step.run_batch(images, targets)["loss"]
+
+    def attack_alone():
+        model = build_model(FLAGS.model, num_classes=FLAGS.num_classes, domains=("clean", "adv"))
+        ctx = StepContext(loss_fn=make_loss_fn(FLAGS.num_classes), seed=tf.constant([0, 1]),
+                          attack=AttackConfig(epsilon=1, num_steps=1, step_size=1.0, attack_bn_mode=FLAGS.attack_bn_mode))
+        run = tf.function(lambda: attack(model, pixels, labels, "adv", ctx))
+        return run
 
     runs = {
         "vanilla": make("vanilla", 1),
@@ -73,12 +83,29 @@ def main(argv):
         "advprop_pgd2": make("advprop", 2),
         "advprop_pgd5": make("advprop", 5),
     }
+    if FLAGS.breakdown:
+        attacked = attacked_count(batch, FLAGS.adv_fraction)
+        runs.update({
+            "attack_pgd1": attack_alone(),
+            "update_2b_split": make("advprop", 0),  # epsilon 0: [clean; clean] through the two BNs, no attack
+            "update_2b_one_bn": make("vanilla", 1, tf.concat([pixels, pixels], 0), tf.concat([labels, labels], 0)),
+            "vanilla_attacked_share": make("vanilla", 1, pixels[:attacked], labels[:attacked]),
+        })
     times = time_interleaved(runs, rounds=FLAGS.rounds, steps=FLAGS.steps)
     print(f"{FLAGS.model} {size}px batch {batch}, {FLAGS.num_classes} classes, "
           f"jit_compile={FLAGS.jit_compile}, attack BN mode {FLAGS.attack_bn_mode}")
     for name, seconds in times.items():
-        print(f"  {name:14s} {seconds:.3f} s/step  {batch / seconds:6.1f} images/s  "
+        print(f"  {name:22s} {seconds:.3f} s/step  {batch / seconds:6.1f} images/s  "
               f"ratio to vanilla {seconds / times['vanilla']:.2f}")
+    if FLAGS.breakdown:
+        t = times
+        print(f"  AdvProp PGD-1 = attack {t['attack_pgd1']:.3f} + 2B split update {t['update_2b_split']:.3f} "
+              f"(sum {t['attack_pgd1'] + t['update_2b_split']:.3f}, measured {t['advprop_pgd1']:.3f}); the split "
+              f"costs {t['update_2b_split'] - t['update_2b_one_bn']:+.3f} s over one BN; the 2B update is "
+              f"{t['update_2b_one_bn'] / t['vanilla']:.2f}x a B update")
+        print(f"  fast_advprop - vanilla = {t['fast_advprop'] - t['vanilla']:.3f} s; a whole vanilla step on "
+              f"the {attacked_count(batch, FLAGS.adv_fraction)} attacked images alone costs "
+              f"{t['vanilla_attacked_share']:.3f} s ({t['vanilla_attacked_share'] / t['vanilla']:.2f}x a full one)")
     result = {f"{k}_s": round(v, 4) for k, v in times.items()}
     result.update(
         ratio_fast_advprop=round(times["fast_advprop"] / times["vanilla"], 3),

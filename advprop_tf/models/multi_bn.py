@@ -12,9 +12,11 @@ Routing (`domain=` in `call`):
     [num_chunks, chunk, ..., C] and a reduction per chunk, so a concatenated
     clean+adversarial batch costs about the same as a plain BN;
   * `Chunks(domains, sizes, bn_modes)`: consecutive chunks of the given sizes,
-    each with its own domain and optionally its own BN mode (Fast AdvProp runs
-    26 clean images in "train" mode and 6 attacked ones in "batch" mode
-    through every conv once).
+    each with its own domain and optionally its own BN mode (e.g. 26 clean
+    images in "train" mode and 6 others in "batch" mode through every conv
+    once). An even split in batch-statistics mode runs this way too: one
+    fused BN op per chunk beats the reshaped plain ops (AdvProp PGD-1 step
+    0.329 vs 0.385 s here).
 
 BN mode (`bn_mode=`):
   * "train": batch statistics, moving statistics updated (default when training);
