@@ -274,3 +274,14 @@ def test_fast_advprop_trains_under_mirrored_strategy_with_ema_checkpoint_and_mai
     trainer.ema.swap()
     got = exported.signatures["predict_pixels"](pixels=tf.constant(x))["logits"].numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_per_replica_batch_below_two_is_a_flag_error(tmp_path):
+    from advprop_tf.config import make_config
+    from advprop_tf.training.loop import Trainer
+    from tests.helpers import two_cpu_strategy
+
+    cfg = make_config(model_dir=str(tmp_path), method="fast_advprop", train_batch_size=2, train_steps=1,
+                      width_coefficient=0.25, depth_coefficient=0.25, resolution=32, synthetic_examples=16)
+    with pytest.raises(ValueError, match=r"^--train_batch_size: fast_advprop needs at least 2 images per replica"):
+        Trainer(cfg, two_cpu_strategy())

@@ -98,8 +98,11 @@ class Trainer:
         self.num_classes = cfg.num_classes or self.source.num_classes
         length = builders.training_length(cfg, self.source)
         self.steps_per_epoch, self.total_steps = length.steps_per_epoch, length.total_steps
-        if length.budget_scale != 1:
+        if cfg.method == "fast_advprop":
             per_replica = cfg.train_batch_size // replicas
+            if per_replica < 2:
+                raise ValueError(f"--train_batch_size: fast_advprop needs at least 2 images per replica (one clean, "
+                                 f"one attacked), got {per_replica} on each of {replicas} replicas")
             logging.info("fast_advprop: %d of each replica's %d images attacked (--adv_fraction=%g); every epoch "
                          "count divided by %.3f (p_adv x attack steps + 1, --match_vanilla_budget): %d steps",
                          attacked_count(per_replica, cfg.adv_fraction), per_replica, cfg.adv_fraction,
