@@ -207,14 +207,19 @@ def write_chart(rows, path, pgd_label):
     return True
 
 
-def calibrate(stage_configs):
-    """Seconds per training step of each (method, stage) config: all timed interleaved in this process on
+def stage_key(method, configs, i):
+    """(method, stage index) for a recipe's stages, (method, None) for a single-stage method."""
+    return method, None if len(configs) == 1 else i
+
+
+def calibrate(stages):
+    """Seconds per training step of each stage config (by stage_key): all timed interleaved in this process on
     random batches of the config's batch size and resolution (the input pipeline is not the bottleneck)."""
     from advprop_tf.benchmarking import time_interleaved
     from advprop_tf.training import builders
 
     runs = {}
-    for key, cfg in stage_configs.items():
+    for key, cfg in ((stage_key(m, c, i), cfg) for m, c in stages.items() for i, cfg in enumerate(c)):
         source = builders.build_source(cfg)
         num_classes = cfg.num_classes or source.num_classes
         length = builders.training_length(cfg, source)
@@ -237,8 +242,7 @@ def apply_budget(stages, seconds_per_step, budget):
     for method, configs in stages.items():
         shares = [1.0] if len(configs) == 1 else [1.0 - FLAGS.finetune_fraction, FLAGS.finetune_fraction]
         for i, (cfg, share) in enumerate(zip(configs, shares)):
-            key = (method, None if len(configs) == 1 else i)
-            cfg.train_steps = max(1, int(round(share * budget / seconds_per_step[key])))
+            cfg.train_steps = max(1, int(round(share * budget / seconds_per_step[stage_key(method, configs, i)])))
 
 
 def plan(seed, existing):
@@ -342,8 +346,7 @@ def compare():
     started = time.time()
     plans = {seed: plan(seed, existing) for seed in seeds}  # all validated before the first one trains
     if FLAGS.time_budget_seconds:
-        first = plans[seeds[0]]
-        seconds = calibrate({(m, None if len(c) == 1 else i): cfg for m, c in first.items() for i, cfg in enumerate(c)})
+        seconds = calibrate(plans[seeds[0]])
         for stages in plans.values():
             apply_budget(stages, seconds, FLAGS.time_budget_seconds)
     rows = [run_method(method, plans[seed][method], existing) for seed in seeds for method in FLAGS.methods]
