@@ -12,6 +12,7 @@ from absl import flags
 
 from advprop_tf.attacks.pgd import steps_for_epsilon
 from advprop_tf.data.pipeline import AUGMENTATIONS, VIEWS
+from advprop_tf.data.preprocessing import EVAL_CROPS
 from advprop_tf.data.sources import SOURCE_KINDS
 from advprop_tf.methods import ATTACK_BN_MODES, METHODS, domain_epsilon, parse_epsilon_schedule
 from advprop_tf.models.base import INPUT_NORMALIZATIONS
@@ -74,6 +75,8 @@ def define_train_flags(flag_values=FLAGS):
     d.DEFINE_integer("randaugment_layers", 2, "RandAugment layers.")
     d.DEFINE_float("randaugment_magnitude", 10.0, "RandAugment magnitude on the authors' scale (10 = their "
                    "_MAX_LEVEL, not a cap: B5 17, B7/B8 28).")
+    d.DEFINE_enum("eval_crop", "center", list(EVAL_CROPS), "Evaluation crop: center (the authors' 0.875) or "
+                  "none (resize only, for validation images that are already cropped).")
     d.DEFINE_integer("shuffle_buffer", 10_000, "Shuffle buffer (examples).")
     d.DEFINE_integer("seed", None, "Seed for a deterministic input order and attack randomness.")
     # -- method

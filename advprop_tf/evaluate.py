@@ -35,6 +35,7 @@ from advprop_tf import cli  # noqa: E402
 from advprop_tf.attacks.pgd import steps_for_epsilon  # noqa: E402
 from advprop_tf.data.corruptions import parse_corruptions, parse_severities  # noqa: E402
 from advprop_tf.data.imagenet_c import BACKENDS, IMAGENET_C_CORRUPTIONS  # noqa: E402
+from advprop_tf.data.preprocessing import EVAL_CROPS  # noqa: E402
 from advprop_tf.data.sources import SOURCE_KINDS  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -51,6 +52,9 @@ def define_flags(fv=FLAGS):
       "(default: when the run kept an EMA).")
     d("string", "dataset", None, f"Data source ({', '.join(SOURCE_KINDS)}); default: the training data.")
     d("string", "data_dir", None, "Location for tfrecord/folder sources, or TFDS data_dir.")
+    d("enum", "eval_crop", "center", list(EVAL_CROPS), "center: the authors' 0.875 center crop; none: resize "
+      "only, for images that are already cropped (ImageNet-C and folders of such images). The tfds corruption "
+      "backend always resizes only.")
     d("string", "split", None, "Split to evaluate: validation (TFDS: or test) or train. Default: validation; "
       "for a --dataset=folder:<dir> without --holdout_fraction, all of its images.")
     d("float", "holdout_fraction", None, "folder: held-out fraction (default: as trained).")
@@ -199,9 +203,9 @@ def run(f=FLAGS, log=print):
     if f.attack == "pgd":
         steps = f.num_steps if f.num_steps is not None else steps_for_epsilon(f.epsilon)
         attack = evaluation.AttackSpec(f.epsilon, steps, f.step_size, f.targeted, f.random_start)
-    def measure(source, split, **kwargs):
+    def measure(source, split, crop=f.eval_crop, **kwargs):
         # Padded to full batches (label -1, not counted): every batch has one shape, one trace.
-        data = eval_dataset(source, classifier.resolution, f.batch_size, split=split, pad_to_batch=True)
+        data = eval_dataset(source, classifier.resolution, f.batch_size, split=split, pad_to_batch=True, crop=crop)
         total = source.num_examples(split)
         if f.max_batches:
             total = min(total or f.max_batches * f.batch_size, f.max_batches * f.batch_size)
@@ -215,10 +219,11 @@ def run(f=FLAGS, log=print):
 
         corrupt_fn = {"corrupt_fn": corrupt_exact}
     results = measure(source, split, attack=attack, corruptions=on_the_fly, severities=severities, **corrupt_fn)
-    results.update(dataset=dataset_spec, split=split)
+    results.update(dataset=dataset_spec, split=split, eval_crop=f.eval_crop)
     if f.corruption_backend == "tfds":
         results.update(evaluation.tfds_corruptions(
-            lambda name, severity: measure(_tfds_source(name, severity, data_dir), "validation"),
+            # ImageNet-C's images are 224 x 224 after its own center crop: resized, never cropped again
+            lambda name, severity: measure(_tfds_source(name, severity, data_dir), "validation", crop="none"),
             corruptions, severities, log))
     results["corruption_backend"] = f.corruption_backend
     complete = set(corruptions) == set(IMAGENET_C_CORRUPTIONS) and set(severities) == {1, 2, 3, 4, 5}

@@ -241,18 +241,27 @@ def computes_gradients(method):
 
 
 def attacked_count(batch_size: int, adv_fraction: float) -> int:
-    """Images of a (per-replica) batch that Fast AdvProp attacks: round(p_adv x batch), at least 1, and
-    at least 1 left clean."""
+    """Images of a (per-replica) batch that Fast AdvProp attacks: the last batch - round((1 - p_adv) x batch)
+    (halves rounded up), at least 1, and at least 1 left clean."""
     if batch_size < 2:
         raise ValueError(f"fast_advprop needs at least 2 images per replica, got {batch_size}")
-    return min(batch_size - 1, max(1, int(round(adv_fraction * batch_size))))
+    clean = min(batch_size - 1, max(1, int(batch_size * (1.0 - adv_fraction) + 0.5)))
+    return batch_size - clean
 
 
-def fast_advprop_budget_scale(adv_fraction: float, attack_steps: int) -> float:
-    """A Fast AdvProp step costs (1 - p) + p (k + 1) = p k + 1 vanilla steps of the same batch
-    (clean part, k attack passes whose gradients are kept, one adversarial pass): the factor the
-    paper divides the epochs by to match vanilla's cost."""
-    return adv_fraction * attack_steps + 1.0
+def loaded_batch_size(clean: int, adv_fraction: float) -> int:
+    """Images a Fast AdvProp step reads for `clean` clean ones: the attacked images come ON TOP, as in the
+    authors' loader (meijieru/fast_advprop, fast_advprop.py: train_batch_scale = sum(ratios) / ratios[0], so
+    --train-batch 256 with 4:1 reads 320). round(clean / (1 - p_adv)), so that attacked_count of it leaves
+    exactly `clean` clean images."""
+    return max(clean + 1, int(clean / (1.0 - adv_fraction) + 0.5))
+
+
+def fast_advprop_budget_scale(attacked_fraction: float, attack_steps: int) -> float:
+    """A Fast AdvProp step costs (1 - a) + a (k + 1) = a k + 1 vanilla steps of the same loaded batch
+    (clean part, k attack passes whose gradients are kept, one adversarial pass), `a` the fraction of the
+    loaded images actually attacked: the factor the paper divides the epochs by to match vanilla's cost."""
+    return attacked_fraction * attack_steps + 1.0
 
 
 @computes_gradients

@@ -57,11 +57,19 @@ def inference_network(trained: MultiDomainNetwork, domain: str) -> MultiDomainNe
 
 
 class ServingModule(tf.Module):
-    """The exported object: the inference network and its two signatures."""
+    """The exported object: the inference network's variables and its two signatures.
+
+    The signatures capture the tf.Variables inside Keras 3's variables. Saved
+    through the Keras network, only Keras' wrappers would be restorable, and a
+    graph loader (TF Serving, `saved_model_cli run`) would find the captured
+    variables uninitialized ("Could not find variable ..."). So the module
+    tracks exactly the captured tf.Variables, by their Keras paths, and not the
+    network object itself.
+    """
 
     def __init__(self, network: MultiDomainNetwork, assets: dict):
         super().__init__(name="advprop_serving")
-        self.network = network
+        self.__dict__["_network"] = network  # used by the signatures, deliberately not tracked
         self.resolution = network.resolution
         self.assets = {name: tf.saved_model.Asset(path) for name, path in assets.items()}
         size = self.resolution
@@ -71,6 +79,19 @@ class ServingModule(tf.Module):
         self.predict_pixels = tf.function(
             self._serve_pixels, input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")]
         )
+        by_id = {id(v.value): v.path for v in network.variables}
+        captured = {}
+        for function in (self.serving_default, self.predict_pixels):
+            for variable in function.get_concrete_function().variables:
+                if id(variable) not in by_id:
+                    raise ExportError(f"--model_dir: the inference network uses a variable outside its own: "
+                                      f"{variable.name}")
+                captured[by_id[id(variable)]] = variable
+        self.variables_by_path = dict(sorted(captured.items()))
+
+    @property
+    def network(self):
+        return self._network
 
     def _outputs(self, pixels):
         logits = tf.cast(self.network(pixels, training=False), tf.float32)
@@ -87,7 +108,7 @@ class ServingModule(tf.Module):
         def decode(data):
             check = tf.debugging.Assert(
                 is_decodable_image(data),
-                ["an image in image_bytes could not be decoded (not a complete JPEG, PNG, GIF or BMP)"],
+                ["an image in image_bytes could not be decoded (not a complete JPEG, PNG, GIF, BMP or WebP)"],
             )
             with tf.control_dependencies([check]):
                 return preprocess_eval(data, self.resolution)
@@ -96,6 +117,50 @@ class ServingModule(tf.Module):
             [self.resolution, self.resolution, 3], tf.float32))
         outputs = self._outputs(pixels)
         return {"classes": outputs["classes"], "probabilities": outputs["probabilities"]}
+
+
+def rest_request_inputs(body: dict) -> dict:
+    """The named input arrays TF Serving's REST predict API makes of a request body, decoded as the server does.
+
+    Row format {"instances": [{"image_bytes": {"b64": "..."}}, ...]} (or bare values for a one-input
+    signature) and columnar {"inputs": {"image_bytes": [{"b64": "..."}, ...]}}; {"b64": ...} is binary
+    data. For running a request offline (saved_model_cli run --inputs, or a signature call) where the
+    model server itself cannot be installed. ValueError for a body the server would reject.
+    """
+    import base64
+
+    import numpy as np
+
+    def decode(value):
+        if isinstance(value, dict):
+            if set(value) != {"b64"}:
+                raise ValueError(f"a binary value is written {{\"b64\": \"...\"}}, got {sorted(value)}")
+            return base64.b64decode(value["b64"])
+        if isinstance(value, list):
+            return [decode(v) for v in value]
+        return value
+
+    def array(values):
+        values = decode(values)
+        flat = values
+        while isinstance(flat, list) and flat:
+            flat = flat[0]
+        return np.array(values, dtype=object if isinstance(flat, bytes) else None)
+
+    if "instances" in body:
+        instances = body["instances"]
+        if not isinstance(instances, list) or not instances:
+            raise ValueError('"instances" must be a non-empty list')
+        if not all(isinstance(i, dict) and "b64" not in i for i in instances):
+            return {"inputs": array(instances)}  # one unnamed input
+        names = set(instances[0])
+        if any(set(i) != names for i in instances):
+            raise ValueError("every instance must name the same inputs")
+        return {name: array([i[name] for i in instances]) for name in sorted(names)}
+    if "inputs" in body:
+        inputs = body["inputs"]
+        return {name: array(v) for name, v in inputs.items()} if isinstance(inputs, dict) else {"inputs": array(inputs)}
+    raise ValueError('a predict request holds "instances" (row format) or "inputs" (columnar format)')
 
 
 def next_version(export_dir):
@@ -120,30 +185,39 @@ def load_trained(model_dir, use_ema=None, domain=None) -> Trained:
     """
     from advprop_tf.training.ema import ExponentialMovingAverage
 
-    run_dir = RunDir(model_dir)
     try:
+        run_dir = RunDir(model_dir)
         run = run_dir.read_run_config()
     except RunDirError as e:
         raise ExportError(str(e)) from None
-    latest = run_dir.latest_checkpoint()
-    if not latest:
+    if not run_dir.checkpoints_newest_first():
         raise ExportError(f"--model_dir: no checkpoint in {run_dir.chief_checkpoint_dir!r}")
-    with float32_policy():
-        trained = model_from_config(run["model"])
+    try:
+        with float32_policy():
+            trained = model_from_config(run["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"--model_dir: {run_dir.file('run_config.json')!r} does not describe a model ({e!r})") from None
     if domain is not None and domain not in trained.domains:
         raise ExportError(f"--domain: unknown domain {domain!r}; the model has {tuple(trained.domains)}")
-    tracked = {"model": trained, "model_weights": WeightsByPath(trained)}
-    ema = None
-    has_ema = any(name.startswith("ema/") for name in checkpoint_reader(latest).get_variable_to_shape_map())
+    found = {}
+
+    def read(prefix):
+        found.pop("ema", None)
+        tracked = {"model": trained, "model_weights": WeightsByPath(trained)}
+        if any(name.startswith("ema/") for name in checkpoint_reader(prefix).get_variable_to_shape_map()):
+            tracked["ema"] = found["ema"] = ExponentialMovingAverage(trained)
+        tf.train.Checkpoint(**tracked).read(prefix).expect_partial().assert_existing_objects_matched()
+
+    try:
+        latest = run_dir.restore_newest(read)
+    except RunDirError as e:
+        raise ExportError(str(e)) from None
     if use_ema is None:
-        use_ema = has_ema
+        use_ema = "ema" in found
     if use_ema:
-        if not has_ema:
+        if "ema" not in found:
             raise ExportError("--use_ema: the checkpoint holds no EMA (trained with --ema_decay=0); pass --use_ema=false")
-        ema = tracked["ema"] = ExponentialMovingAverage(trained)
-    tf.train.Checkpoint(**tracked).read(latest).expect_partial().assert_existing_objects_matched()
-    if ema is not None:
-        ema.copy_to(trained)
+        found["ema"].copy_to(trained)
     return Trained(trained, run, int(latest.rsplit("-", 1)[1]), bool(use_ema))
 
 

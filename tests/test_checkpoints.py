@@ -33,7 +33,9 @@ def randomized(model, seed):
 
 
 def authors_variables(model):
-    """(name, variable) per FACTS.md, written out independently of advprop_tf's own mapping."""
+    """(name, variable) as the authors' Keras layers name them (tensorflow/tpu models/official/efficientnet/
+    efficientnet_model.py: stem/conv2d, tpu_batch_normalization, blocks_K/...), written out independently of
+    advprop_tf's own mapping."""
     def bn(prefix, layer):
         v = layer.domain_variables("clean")
         return [(f"{prefix}/{k}", v[k]) for k in ("gamma", "beta", "moving_mean", "moving_variance")]

@@ -63,10 +63,16 @@ def test_seeds_and_an_equal_time_budget(tmp_path):
            "--seeds=0,1", "--time_budget_seconds=0.15"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = {row["method"]: row for row in json.load(open(tmp_path / "comparison.json"))["summary"]}
+    comparison = json.load(open(tmp_path / "comparison.json"))
+    summary = {row["method"]: row for row in comparison["summary"]}
     assert summary["vanilla"]["seeds"] == summary["advprop"]["seeds"] == [0, 1]
-    # AdvProp's step costs about twice vanilla's: the same budget buys it fewer steps
-    assert 1 <= summary["advprop"]["train_steps"] < summary["vanilla"]["train_steps"]
+    # each method trains budget / (its measured s/step) steps: the same budget buys the slower step fewer
+    measured = comparison["seconds_per_step"]
+    assert set(measured) == {"vanilla", "advprop"} and all(v > 0 for v in measured.values())
+    for method in ("vanilla", "advprop"):
+        assert summary[method]["train_steps"] == max(1, round(0.15 / measured[method]))
+    slower, faster = sorted(measured, key=measured.get, reverse=True)
+    assert summary[slower]["train_steps"] <= summary[faster]["train_steps"]
     for method in ("vanilla", "advprop"):
         for seed in (0, 1):
             stats = json.load(open(tmp_path / f"seed{seed}" / method / "train_stats.json"))

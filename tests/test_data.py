@@ -65,7 +65,7 @@ def test_folder_errors(tmp_path):
     with pytest.raises(SourceError, match="no class sub-folders"):
         parse_source(f"folder:{tmp_path / 'empty'}")
     (tmp_path / "empty" / "a").mkdir()
-    with pytest.raises(SourceError, match="no .jpg/.jpeg/.png files"):
+    with pytest.raises(SourceError, match=r"has no image files \(.jpg/.jpeg/.png/.gif/.bmp/.webp\)"):
         parse_source(f"folder:{tmp_path / 'empty'}")
     with pytest.raises(SourceError, match="unknown data source 'imagenet'.*synthetic, folder, tfrecord, tfds"):
         parse_source("imagenet")
@@ -362,3 +362,109 @@ def test_undecodable_images_are_counted_once_per_file_not_once_per_epoch(tmp_pat
     resumed = train_dataset(source, 32, 2, seed=1, stats=resumed_stats, skip_examples=8, shuffle_buffer=8)
     list(resumed.take(6))
     assert int(resumed_stats.skipped.numpy()) == 2
+
+
+def encode_with_pil(image, fmt, mode=None):
+    import io
+
+    from PIL import Image
+
+    picture = Image.fromarray(image)
+    picture = picture.convert(mode) if mode else picture
+    buffer = io.BytesIO()
+    picture.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_every_format_tensorflow_decodes_is_read_and_degenerate_images_are_resized(tmp_path, caplog):
+    """PNG, grayscale, CMYK and RGBA, BMP, GIF, WebP, upper-case .JPEG, a 1x1 and a 3000x20 image: all read,
+    none dropped or counted corrupt; other files are left out and reported at start."""
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    files = {
+        "rgb.png": encode_with_pil(picture, "PNG"), "gray.png": encode_with_pil(picture, "PNG", "L"),
+        "rgba.png": encode_with_pil(picture, "PNG", "RGBA"), "cmyk.jpg": encode_with_pil(picture, "JPEG", "CMYK"),
+        "photo.JPEG": encode_with_pil(picture, "JPEG"), "bitmap.bmp": encode_with_pil(picture, "BMP"),
+        "palette.gif": encode_with_pil(picture, "GIF", "P"), "modern.webp": encode_with_pil(picture, "WEBP"),
+        "one_pixel.jpg": encode_with_pil(np.full((1, 1, 3), 200, np.uint8), "JPEG"),
+        "strip.png": encode_with_pil(rng.integers(0, 255, (20, 3000, 3), dtype=np.uint8), "PNG"),
+    }
+    root = tmp_path / "images"
+    for name, data in files.items():
+        for label in ("a", "b"):
+            (root / label).mkdir(parents=True, exist_ok=True)
+            (root / label / name).write_bytes(data)
+    (root / "a" / "notes.txt").write_text("not an image")
+    (root / "b" / "scan.tiff").write_bytes(b"II*\x00")
+    with caplog.at_level("WARNING"):
+        source = parse_source(f"folder:{root}")
+    assert source.num_examples("train") == 2 * len(files)
+    assert "left out 2 entries" in caplog.text and ".tiff 1" in caplog.text and ".txt 1" in caplog.text
+    stats = DecodeStats()
+    for crop in ("center", "none"):
+        images = [x for x, _ in eval_dataset(source, 32, 4, split="train", stats=stats, crop=crop).unbatch()]
+        assert len(images) == 2 * len(files) and all(x.shape == (32, 32, 3) for x in images)
+    assert int(stats.skipped.numpy()) == 0
+    trained = [x for x, _ in train_dataset(source, 32, 4, seed=0, stats=stats).unbatch().take(2 * len(files))]
+    assert len(trained) == 2 * len(files) and int(stats.skipped.numpy()) == 0
+    one_pixel = preprocess_eval(tf.constant(files["one_pixel.jpg"]), 16).numpy()
+    assert np.abs(one_pixel - 200).max() <= 2  # the one pixel, resized, not a crop of nothing
+
+
+def test_an_already_cropped_image_is_resized_not_cropped_again():
+    """Border red, centre blue: the 0.875 center crop removes the border, crop="none" keeps it (ImageNet-C)."""
+    image = np.zeros([64, 64, 3], np.uint8)
+    image[..., 0] = 255
+    image[4:60, 4:60] = (0, 0, 255)
+    centre = preprocess_eval(tf.constant(image), 64).numpy()
+    whole = preprocess_eval(tf.constant(image), 64, crop="none").numpy()
+    np.testing.assert_allclose(whole, image, atol=1e-3)  # same size: resize only is the identity
+    assert centre[0, 0, 2] > 200 and centre[0, 0, 0] < 50  # corner is blue after the crop
+    assert whole[0, 0, 0] > 200 and whole[0, 0, 2] < 50  # corner keeps its red border
+    with pytest.raises(ValueError, match="eval crop must be one of"):
+        preprocess_eval(tf.constant(image), 64, crop="corner")
+
+
+def test_a_tfrecord_glob_is_split_by_shard_names_never_used_as_both_splits(tmp_path):
+    examples = [(gradient_image(16, 16, i), 1 + i % 4) for i in range(8)]
+    write_tfrecords(tmp_path / "r", "train", examples, shards=2)
+    write_tfrecords(tmp_path / "r", "validation", examples[:4], shards=1)
+    source = parse_source(f"tfrecord:{tmp_path / 'r'}/*", num_classes=4)
+    assert source.splits == ("train", "validation")
+    assert sum(1 for _ in source.dataset("train")) == 8 and sum(1 for _ in source.dataset("validation")) == 4
+    only_train = parse_source(f"tfrecord:{tmp_path / 'r'}/train-*", num_classes=4)
+    assert only_train.splits == ("train",)  # no validation split made of training shards
+    braces = parse_source(f"tfrecord:{tmp_path / 'r'}/{{split}}-*", num_classes=4)
+    assert sum(1 for _ in braces.dataset("validation")) == 4
+    (tmp_path / "r" / "part-0.tfrecord").write_bytes(b"")
+    with pytest.raises(SourceError, match=r"neither train-\* nor validation-\* \(e.g. 'part-0.tfrecord'\).*\{split\}"):
+        parse_source(f"tfrecord:{tmp_path / 'r'}/*", num_classes=4)
+
+
+def test_each_input_pipeline_draws_its_own_augmentation_and_resumes_its_own_stream(tmp_path):
+    """Workers (TPU hosts) with the same seed: the n-th image of each gets its own crop, flip and RandAugment draw;
+    a pipeline's stream continues exactly after its iterator is restored."""
+    picture = gradient_image(64, 64, seed=3)
+    root = tmp_path / "same"
+    (root / "only").mkdir(parents=True)
+    for i in range(8):  # every file the same picture: any difference comes from the seeds
+        write_image(root / "only" / f"{i}.png", picture, fmt="png")
+    source = parse_source(f"folder:{root}")
+
+    def pipeline(index):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=index, num_replicas_in_sync=2)
+        return train_dataset(source, 32, 2, augment="randaugment", seed=11, input_context=ctx)
+
+    first, second = (next(iter(pipeline(i)))[0].numpy() for i in (0, 1))
+    assert all(not np.array_equal(first[k], second[k]) for k in range(2))
+    np.testing.assert_array_equal(first, next(iter(pipeline(0)))[0].numpy())  # and each is deterministic
+
+    stream = iter(pipeline(1))
+    [next(stream) for _ in range(3)]
+    checkpoint = tf.train.Checkpoint(iterator=stream)
+    path = checkpoint.write(str(tmp_path / "iterator"))
+    expected = [next(stream)[0].numpy() for _ in range(3)]
+    resumed = iter(pipeline(1))
+    tf.train.Checkpoint(iterator=resumed).read(path).assert_consumed()
+    for want in expected:
+        np.testing.assert_array_equal(next(resumed)[0].numpy(), want)

@@ -225,11 +225,18 @@ def test_the_tfds_backend_evaluates_each_prepared_corrupted_dataset(trained, tmp
         return real(name, severity, data_dir)
 
     monkeypatch.setattr(evaluate_cli, "_tfds_source", recording)
+    import advprop_tf.data.pipeline as pipeline
+
+    crops = []
+    real_eval_dataset = pipeline.eval_dataset
+    monkeypatch.setattr(pipeline, "eval_dataset", lambda *a, **k: crops.append(k["crop"]) or real_eval_dataset(*a, **k))
     with tfds.testing.mock_data(num_examples=4):
         results, _ = evaluate_cli.run(cli_flags(
             f"--model_dir={model_dir}", "--corruption_backend=tfds", "--corruptions=gaussian_noise,contrast",
             "--severities=1,5", "--batch_size=4", f"--output={tmp_path / 't.json'}"), log=lambda line: None)
     assert opened == [("gaussian_noise", 1), ("gaussian_noise", 5), ("contrast", 1), ("contrast", 5)]
+    # the clean validation split gets the center crop; ImageNet-C's already-cropped images are only resized
+    assert crops == ["center"] + ["none"] * 4 and results["eval_crop"] == "center"
     assert set(results["corruptions"]) == {"gaussian_noise", "contrast"}
     assert all(0 <= a <= 1 for v in results["corruptions"].values() for a in v["accuracy"].values())
     assert "mce" not in results  # 2 of 15 corruptions: no mCE is claimed

@@ -52,8 +52,15 @@ print(json.dumps(out))
 
 
 def training_model_logits(model_dir, pixels, domain):
-    """The training network (all BN domains) with its EMA weights, as evaluation uses it."""
-    model = EfficientNet.from_config(RunDir(str(model_dir)).read_run_config()["model"])
+    """The training network (all BN domains) with its EMA weights, float32, read here without advprop_tf's loader."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        model = EfficientNet.from_config(RunDir(str(model_dir)).read_run_config()["model"])
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
     ema = ExponentialMovingAverage(model)
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
     tf.train.Checkpoint(model=model, ema=ema).read(latest).expect_partial()
@@ -135,14 +142,42 @@ def test_adv_domain_export_matches_the_auxiliary_bn(trained, tmp_path):
     assert not np.allclose(got, training_model_logits(model_dir, pixels, "clean"), atol=1e-3)
 
 
-def test_saved_model_cli_lists_both_signatures(trained):
+def test_tf_servings_view_of_the_export_with_tensorflows_own_tool(trained, tmp_path):
+    """saved_model_cli (what TF Serving reads) shows serving_default: image_bytes (string) in, classes and
+    probabilities out; a request in TF Serving's REST form, decoded as the server does, run by saved_model_cli,
+    gives the classes of the Python API."""
+    import base64
+
+    from advprop_tf.serving import rest_request_inputs
+
     model_dir, _ = trained
+    export_path = str(model_dir / "export" / "1")
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-    result = subprocess.run([cli, "show", "--dir", str(model_dir / "export" / "1"), "--all"],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "signature_def['serving_default']" in result.stdout
-    assert "signature_def['predict_pixels']" in result.stdout
+    shown = subprocess.run([cli, "show", "--dir", export_path, "--all"], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    serving = shown.stdout[shown.stdout.index("signature_def['serving_default']"):]
+    serving = serving[:serving.index("Method name is")]
+    assert "inputs['image_bytes'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1)" in serving
+    assert "outputs['classes'] tensor_info:\n        dtype: DT_INT64" in serving
+    assert "outputs['probabilities'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, 10)" in serving
+    assert "signature_def['predict_pixels']" in shown.stdout
+
+    rng = np.random.default_rng(2)
+    jpegs = [tf.io.encode_jpeg(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).numpy() for _ in range(3)]
+    body = json.loads(json.dumps({"instances": [{"image_bytes": {"b64": base64.b64encode(j).decode()}} for j in jpegs]}))
+    inputs = rest_request_inputs(body)
+    assert list(inputs) == ["image_bytes"] and list(inputs["image_bytes"]) == jpegs
+    np.save(tmp_path / "image_bytes.npy", inputs["image_bytes"], allow_pickle=True)
+    ran = subprocess.run([cli, "run", "--dir", export_path, "--tag_set", "serve", "--signature_def", "serving_default",
+                          "--inputs", f"image_bytes={tmp_path / 'image_bytes.npy'}", "--outdir", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    python_api = tf.saved_model.load(export_path).signatures["serving_default"](image_bytes=tf.constant(jpegs))
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "classes.npy"), python_api["classes"].numpy())
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "probabilities.npy"), python_api["probabilities"].numpy(),
+                               atol=1e-6)
+    columnar = rest_request_inputs({"inputs": {"image_bytes": [{"b64": base64.b64encode(j).decode()} for j in jpegs]}})
+    assert list(columnar["image_bytes"]) == jpegs
 
 
 def run_export_cli(*args):

@@ -1,9 +1,9 @@
 """MultiWorkerMirroredStrategy for real: two worker processes on 127.0.0.1.
 
-Phase 1 trains until a SIGTERM to ONE worker (the non-chief): TensorFlow's
-PreemptionCheckpointHandler makes both save after the same step and exit
-cleanly. Phase 2 restarts both: they resume at that exact step, train on,
-evaluate and export. The run directory must hold ONE set of run files, one
+Phase 1 trains until a SIGTERM to ONE worker (the non-chief): the stop flag,
+agreed by both inside the graph loop, makes both save after the same step and
+exit cleanly. Phase 2 restarts both with --jit_compile (XLA under MultiWorkerMirroredStrategy):
+they resume at that exact step, train on, evaluate and export. The run directory must hold ONE set of run files, one
 checkpoint series and one export, and no worker's private directory.
 """
 
@@ -101,7 +101,8 @@ def test_two_workers_preempt_resume_evaluate_export(tmp_path):
     assert chief_path.endswith(f"ckpt-{stopped_at}") and stopped_at >= 2
 
     # -- phase 2: restart both; they resume at the exact step, finish, evaluate, export
-    procs = launch(model_dir, hosts, [f"--train_steps={stopped_at + 3}"], logs)
+    # with XLA: under MultiWorkerMirroredStrategy each worker compiles its replica's compute part
+    procs = launch(model_dir, hosts, [f"--train_steps={stopped_at + 3}", "--jit_compile"], logs)
     outputs = finish(procs, 300)
     assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
     for output in outputs:

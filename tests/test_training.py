@@ -221,22 +221,34 @@ def test_sigkill_mid_run_then_restart_finishes_at_train_steps(tmp_path):
     assert "resumed from" in done.stdout + done.stderr
 
 
-def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
+def test_a_sigterm_stops_the_running_host_loop_and_the_rerun_ends_at_train_steps(tmp_path):
+    """SIGTERM in the middle of one long host loop (--steps_per_loop=100, the whole run): the loop stops after the
+    current step, the checkpoint is of that step (before the loop's end), the process exits 0, and the same
+    command resumes from it and ends at --train_steps exactly."""
     model_dir = str(tmp_path)
-    cmd = _train_cmd(model_dir, "--train_steps=100000", "--steps_per_loop=2", "--checkpoint_every_steps=100000")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # wait for the first log line: training is running
+    args = ["--train_steps=100", "--steps_per_loop=100", "--checkpoint_every_steps=100", "--export=false"]
+    proc = subprocess.Popen(_train_cmd(model_dir, *args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     deadline = time.time() + 240
     while time.time() < deadline:
         line = proc.stdout.readline()
-        if "step " in line and "/100000" in line:
+        if "training steps 0 to 100" in line or not line:
             break
+    time.sleep(2)  # inside the graph loop (or its tracing): a signal handler alone would wait for its end
     proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0
-    assert "SIGTERM: saved" in output
+    signalled = time.time()
+    output = proc.communicate(timeout=180)[0]
+    seconds_to_exit = time.time() - signalled
+    assert proc.returncode == 0, output[-3000:]
+    assert "SIGTERM: saved" in output and "stopping after the current step" in output
     saved = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    assert saved and int(saved.rsplit("-", 1)[1]) >= 2
+    stopped_at = int(saved.rsplit("-", 1)[1])
+    assert 1 <= stopped_at < 100, output[-3000:]
+    print(f"SIGTERM acted on at step {stopped_at} of the 100-step host loop; exited {seconds_to_exit:.1f} s later")
+    rerun = subprocess.run(_train_cmd(model_dir, *args), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"at step {stopped_at}" in rerun.stdout + rerun.stderr  # resumed from it
+    assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).endswith("-100")
 
 
 BAD_FLAGS = [
@@ -326,3 +338,71 @@ def test_the_corrupt_image_count_survives_a_resume_and_does_not_grow_with_epochs
     assert int(trained.decode_stats.skipped.numpy()) == 2
     resumed = Trainer(tiny_config(tmp_path / "run", train_steps=12, **config))
     assert resumed.restore() == 9 and int(resumed.decode_stats.skipped.numpy()) == 2
+
+
+def test_fewer_model_classes_than_the_data_has_is_an_error_naming_both(tmp_path):
+    from tests.test_cloud_storage import write_image_folder
+
+    write_image_folder(str(tmp_path / "images"), per_class=2)  # 3 classes
+    with pytest.raises(ValueError, match=r"^--num_classes: 2 is fewer than the 3 classes of --dataset=folder:"):
+        Trainer(tiny_config(tmp_path / "run", dataset=f"folder:{tmp_path / 'images'}", num_classes=2))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+    # more model classes than data classes stays allowed (a subset of a larger label set)
+    trainer = Trainer(tiny_config(tmp_path / "run", dataset=f"folder:{tmp_path / 'images'}", num_classes=5))
+    assert trainer.num_classes == 5 and trainer.model.num_classes == 5
+
+
+def test_skipping_in_float32_never_shrinks_a_scale_so_later_steps_still_update():
+    """--on_nan=skip in float32: 200 skipped steps, then finite ones still change the weights."""
+    import keras
+
+    from advprop_tf.training.optimization import NonFiniteSkippingOptimizer, make_optimizer
+
+    weight = keras.Variable(np.ones(3, np.float32))
+    optimizer = make_optimizer("sgd", 0.1, skip_non_finite=True)
+    assert isinstance(optimizer, NonFiniteSkippingOptimizer)
+    optimizer.build([weight])
+    nan = tf.constant([np.nan, 0.0, 0.0])
+
+    @tf.function
+    def apply(grad):
+        optimizer.apply_gradients([(grad, weight)])
+
+    for _ in range(200):
+        apply(nan)
+    np.testing.assert_array_equal(weight.numpy(), np.ones(3))
+    assert float(optimizer.dynamic_scale) == 1.0  # Keras' own LossScaleOptimizer would be at 2**-200 = 0
+    apply(tf.constant([1.0, 1.0, 1.0]))
+    # exactly what one step of a fresh optimizer gives: the 200 skips left no trace (momentum included)
+    fresh = keras.Variable(np.ones(3, np.float32))
+    make_optimizer("sgd", 0.1).apply_gradients([(tf.constant([1.0, 1.0, 1.0]), fresh)])
+    assert weight.numpy()[0] < 0.95
+    np.testing.assert_allclose(weight.numpy(), fresh.numpy(), rtol=1e-6)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_an_older_one_and_the_run_goes_on(tmp_path, caplog):
+    from advprop_tf.training.run_dir import RunDirError
+
+    run_training(tiny_config(tmp_path, train_steps=4, steps_per_loop=2, checkpoint_every_steps=2, export=False))
+    data = tmp_path / "checkpoints" / "ckpt-4.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # a partial copy, a full disk
+    with caplog.at_level("WARNING"):
+        trainer = Trainer(tiny_config(tmp_path, train_steps=6, steps_per_loop=2, checkpoint_every_steps=2,
+                                      export=False))
+        assert trainer.restore() == 2
+    assert "skipping checkpoint" in caplog.text and "ckpt-4" in caplog.text
+    trainer.results = trainer.run()
+    assert trainer.train_step.current_step == 6 and trainer.run_dir.latest_checkpoint().endswith("ckpt-6")
+    # none restores: one clear error, nothing trained
+    for index in (tmp_path / "checkpoints").glob("ckpt-*.index"):
+        index.write_bytes(b"damaged")
+    with pytest.raises(RunDirError, match=r"^--model_dir: none of the \d checkpoints .* restores"):
+        Trainer(tiny_config(tmp_path, train_steps=8, export=False)).restore()
+
+
+def test_a_model_dir_that_is_a_file_is_a_flag_error(tmp_path):
+    from advprop_tf.training.run_dir import RunDirError
+
+    (tmp_path / "run").write_text("a file")
+    with pytest.raises(RunDirError, match=r"^--model_dir: .* is a file, not a directory"):
+        Trainer(tiny_config(tmp_path / "run"))

@@ -221,15 +221,16 @@ def calibrate(stages):
     runs = {}
     for key, cfg in ((stage_key(m, c, i), cfg) for m, c in stages.items() for i, cfg in enumerate(c)):
         source = builders.build_source(cfg)
-        num_classes = cfg.num_classes or source.num_classes
+        num_classes = builders.model_num_classes(cfg, source)
         length = builders.training_length(cfg, source)
         model = builders.build_model(cfg, num_classes)
         _, optimizer, ema = builders.build_optimization(cfg, model, length)
         step = builders.build_train_step(cfg, model, optimizer, ema, tf.distribute.get_strategy(),
                                          num_classes=num_classes, total_steps=length.total_steps, seed=0)
         size = model.resolution
-        pixels = tf.random.uniform([cfg.train_batch_size, size, size, 3], 0, 255)
-        labels = tf.random.uniform([cfg.train_batch_size], 0, num_classes, tf.int32)
+        batch = builders.images_per_replica(cfg)  # what one step reads (fast_advprop: attacked images on top)
+        pixels = tf.random.uniform([batch, size, size, 3], 0, 255)
+        labels = tf.random.uniform([batch], 0, num_classes, tf.int32)
         runs[key] = lambda step=step, pixels=pixels, labels=labels: step.run_batch(pixels, labels)["loss"]
     seconds = time_interleaved(runs, warmup=3, rounds=5, steps=4)
     for key, value in seconds.items():
@@ -345,6 +346,7 @@ def compare():
         existing[method] = path
     started = time.time()
     plans = {seed: plan(seed, existing) for seed in seeds}  # all validated before the first one trains
+    seconds = {}
     if FLAGS.time_budget_seconds:
         seconds = calibrate(plans[seeds[0]])
         for stages in plans.values():
@@ -366,7 +368,8 @@ def compare():
                      f"{rows[0]['examples']} held-out images.{budget}{seeds_note}\n\n{table}\n"
                      + ("\n![comparison](comparison.png)\n" if have_chart else ""))
     write_json(join(FLAGS.output_dir, "comparison.json"),
-               {"command": command, "wall_seconds": wall, "rows": rows, "summary": summary})
+               {"command": command, "wall_seconds": wall, "rows": rows, "summary": summary,
+                "seconds_per_step": {f"{m}" + ("" if i is None else f":{i}"): v for (m, i), v in seconds.items()}})
     print(table)
     if not have_chart:
         print("(no chart: pip install matplotlib to get comparison.png)")

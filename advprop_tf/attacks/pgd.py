@@ -17,6 +17,8 @@ import numbers
 
 import tensorflow as tf
 
+from advprop_tf import randomness
+
 PIXEL_MIN = 0.0
 PIXEL_MAX = 255.0
 
@@ -42,17 +44,8 @@ def random_wrong_labels(labels, num_classes: int, seed=None):
     if seed is None:
         offsets = tf.random.uniform(shape, 1, num_classes, dtype=tf.int32)
     else:
-        offsets = tf.random.stateless_uniform(
-            shape, _seed_pair(seed, 1), 1, num_classes, dtype=tf.int32
-        )
+        offsets = randomness.integers(shape, randomness.fold_in(seed, 1), 1, num_classes)
     return (labels + offsets) % num_classes
-
-
-def _seed_pair(seed, salt: int):
-    seed = tf.cast(tf.reshape(seed, [-1]), tf.int32)
-    if seed.shape[0] == 1:
-        seed = tf.concat([seed, [0]], axis=0)
-    return tf.stack([seed[0], seed[1] * 7919 + salt])
 
 
 def epsilon_ball(x_clean, epsilon):
@@ -67,9 +60,9 @@ def random_start(x_clean, epsilon, seed=None, prob_start_from_clean=0.0):
     if seed is None:
         noise = tf.random.uniform(shape, -1.0, 1.0)
         from_clean = tf.random.uniform([]) < prob_start_from_clean
-    else:
-        noise = tf.random.stateless_uniform(shape, _seed_pair(seed, 2), -1.0, 1.0)
-        from_clean = tf.random.stateless_uniform([], _seed_pair(seed, 3)) < prob_start_from_clean
+    else:  # the same numbers with and without XLA (randomness.py)
+        noise = randomness.uniform(shape, randomness.fold_in(seed, 2), -1.0, 1.0)
+        from_clean = randomness.uniform([], randomness.fold_in(seed, 3)) < prob_start_from_clean
     noise = tf.where(from_clean, tf.zeros_like(noise), noise)
     lower, upper = epsilon_ball(x_clean, epsilon)
     return tf.clip_by_value(x_clean + epsilon * noise, lower, upper)

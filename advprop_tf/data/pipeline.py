@@ -95,7 +95,8 @@ def train_dataset(source: Source, size: int, batch_size: int, *, augment: str = 
     """Endless batches of (pixels, labels); pixels is a dict {"clean", *views} when views are asked for.
 
     `batch_size` is per input pipeline (per replica under a strategy). The
-    order, crops and flips are a function of `seed` (random when None) and
+    order, crops and flips are a function of `seed` (random when None), the
+    input pipeline's id (so that workers and TPU hosts draw differently) and
     use only stateless random ops, so the iterator can be checkpointed
     (keras-cv's RandAugment is stateful: with it the iterator cannot; our
     AutoAugment and RandAugment are seeded per element and keep it stateless).
@@ -111,6 +112,7 @@ def train_dataset(source: Source, size: int, batch_size: int, *, augment: str = 
             raise SourceError(f"unknown input view {view!r}; valid views: {VIEWS}")
     if augment not in AUGMENTATIONS:
         raise SourceError(f"unknown augmentation {augment!r}; valid: {', '.join(AUGMENTATIONS)}")
+    pipeline = 0 if input_context is None else input_context.input_pipeline_id
     ds = source.dataset("train", input_context, shuffle_seed=seed)
     stats = stats or DecodeStats()
     if not source.shuffles_index:  # records: a buffer of them
@@ -140,7 +142,8 @@ def train_dataset(source: Source, size: int, batch_size: int, *, augment: str = 
             check = tf.debugging.Assert(is_decodable_image(data), ["undecodable image"])
             with tf.control_dependencies([check]):
                 data = tf.identity(data)
-        element_seed = tf.cast(tf.stack([tf.cast(seed, tf.int64), index]) % (2**31 - 1), tf.int32)
+        # (seed, pipeline, index): the n-th image of every worker or TPU host gets its own crop and draws
+        element_seed = tf.cast(tf.stack([tf.cast(seed, tf.int64) + 1_000_003 * pipeline, index]) % (2**31 - 1), tf.int32)
         image = preprocess_train(data, size, element_seed, min_area=crop_min_area)
         clean = augmented(image, augment, element_seed, 0)
         if not views:
@@ -175,8 +178,10 @@ def first_pass_size(source: Source, input_context=None):
 def eval_dataset(source: Source, size: int, batch_size: int, split: str = "validation",
                  stats: DecodeStats | None = None,
                  input_context: tf.distribute.InputContext | None = None,
-                 cache: bool = False, pad_to_batch: bool = False, batches_multiple_of: int = 1) -> tf.data.Dataset:
-    """One pass of (pixels, labels) with the 0.875 center crop.
+                 cache: bool = False, pad_to_batch: bool = False, batches_multiple_of: int = 1,
+                 crop: str = "center") -> tf.data.Dataset:
+    """One pass of (pixels, labels) with the 0.875 center crop, or resized only (`crop="none"`: images that
+    were center-cropped already, as ImageNet-C's).
 
     The last batch is short, or with `pad_to_batch` padded to `batch_size`
     with label -1 (static shapes). `batches_multiple_of` (with `pad_to_batch`)
@@ -190,7 +195,7 @@ def eval_dataset(source: Source, size: int, batch_size: int, split: str = "valid
         ds = ds.filter(stats.keep)
     # Named functions, not lambdas: AutoGraph cannot parse several lambdas sharing lines.
     def prepare(data, label):
-        return preprocess_eval(data, size), label
+        return preprocess_eval(data, size, crop), label
 
     def pad(images, labels):
         return pad_batch(images, labels, batch_size)

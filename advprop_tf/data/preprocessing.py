@@ -2,8 +2,11 @@
 
 Train: distorted-bounding-box crop (area 0.08-1, aspect 3/4-4/3, 10 attempts,
 center-crop fallback), bicubic resize, random horizontal flip.
-Eval: center crop of 0.875 of the shorter side, bicubic resize.
+Eval: center crop of 0.875 of the shorter side, bicubic resize; or, for images that
+are already cropped (ImageNet-C: 224 x 224 after its own center crop), resize only.
 JPEGs are cropped while decoding (decode_and_crop_jpeg), as the authors do.
+Degenerate images (1 x 1, 3000 x 20) are cropped to at least one pixel and resized,
+never dropped.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import tensorflow as tf
 
 CROP_FRACTION = 0.875
+# "center": the authors' 0.875 center crop; "none": resize the whole image (already-cropped sources).
+EVAL_CROPS = ("center", "none")
 
 
 def eval_crop_padding(size: int) -> int:
@@ -45,10 +50,10 @@ def _crop(data, window):
 def center_crop_window(shape, size: int):
     """The authors' eval window: size / (size + padding) of the shorter side, centred."""
     height, width = shape[0], shape[1]
-    crop = tf.cast(
+    crop = tf.maximum(tf.cast(
         size / (size + eval_crop_padding(size)) * tf.cast(tf.minimum(height, width), tf.float32),
         tf.int32,
-    )
+    ), 1)  # a 1 x 1 image keeps its one pixel
     return tf.stack([(height - crop + 1) // 2, (width - crop + 1) // 2, crop, crop])
 
 
@@ -58,9 +63,20 @@ def resize(image, size: int):
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
-def preprocess_eval(data, size: int):
-    """Encoded bytes or uint8 image -> float32 [size, size, 3] in [0, 255]."""
-    window = center_crop_window(_image_shape(data), size)
+def whole_image_window(shape):
+    return tf.stack([0, 0, shape[0], shape[1]])
+
+
+def preprocess_eval(data, size: int, crop: str = "center"):
+    """Encoded bytes or uint8 image -> float32 [size, size, 3] in [0, 255].
+
+    `crop`: "center" (the authors' eval crop) or "none" (resize only, for sources
+    whose images were center-cropped already, such as ImageNet-C).
+    """
+    if crop not in EVAL_CROPS:
+        raise ValueError(f"eval crop must be one of {EVAL_CROPS}, got {crop!r}")
+    shape = _image_shape(data)
+    window = center_crop_window(shape, size) if crop == "center" else whole_image_window(shape)
     image = resize(_crop(data, window), size)
     image.set_shape([size, size, 3])
     return image
@@ -103,19 +119,21 @@ def preprocess_train(data, size: int, seed=None, flip=True, min_area=0.08):
 
 
 def is_decodable_image(data):
-    """Cheap validity check of encoded bytes: a JPEG/PNG/GIF/BMP header, and a JPEG end marker.
+    """Cheap validity check of encoded bytes: a JPEG/PNG/GIF/BMP/WebP header, and a JPEG end marker.
 
     Catches empty files, non-images and truncated JPEG downloads without
     decoding, so a corrupt file is skipped (and counted) instead of raising.
     """
     length = tf.strings.length(data)
-    head = tf.io.decode_raw(tf.strings.substr(data, 0, 4), tf.uint8)
-    head = tf.pad(head, [[0, 4 - tf.shape(head)[0]]])
+    head = tf.io.decode_raw(tf.strings.substr(data, 0, 12), tf.uint8)
+    head = tf.pad(head, [[0, 12 - tf.shape(head)[0]]])
     jpeg = (head[0] == 0xFF) & (head[1] == 0xD8) & (head[2] == 0xFF)
     png = (head[0] == 0x89) & (head[1] == ord("P")) & (head[2] == ord("N")) & (head[3] == ord("G"))
     gif = (head[0] == ord("G")) & (head[1] == ord("I")) & (head[2] == ord("F"))
     bmp = (head[0] == ord("B")) & (head[1] == ord("M"))
+    webp = tf.reduce_all(tf.equal(head[:4], tf.constant(list(b"RIFF"), tf.uint8))) & tf.reduce_all(
+        tf.equal(head[8:12], tf.constant(list(b"WEBP"), tf.uint8)))
     # A complete JPEG ends with EOI (FF D9), allowing a little trailing padding.
     tail = tf.io.decode_raw(tf.strings.substr(data, tf.maximum(length - 16, 0), 16), tf.uint8)
     eoi = tf.reduce_any((tail[:-1] == 0xFF) & (tail[1:] == 0xD9))
-    return (length > 16) & ((jpeg & eoi) | png | gif | bmp)
+    return (length > 16) & ((jpeg & eoi) | png | gif | bmp | webp)

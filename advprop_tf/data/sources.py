@@ -13,16 +13,21 @@ Spec strings (one flag):
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import posixpath
 import zlib
 
 import tensorflow as tf
+from absl import logging
 
 from advprop_tf.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
 from advprop_tf.data.synthetic import synthetic_dataset
+from advprop_tf.paths import basename as _basename
 from advprop_tf.paths import join as _join
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
+# What tf.io.decode_image reads (any letter case): a folder's other files are left out, and counted.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 SOURCE_KINDS = ("synthetic", "folder", "tfrecord", "tfds")
 
 
@@ -50,6 +55,8 @@ class Source:
     # Sources that can shuffle their whole index (file names, example ids)
     # before reading anything; the others need a shuffle buffer of records.
     shuffles_index: bool = False
+    # Whether num_classes was read from the data (folders, TFDS) rather than given (TFRecords).
+    num_classes_known: bool = True
 
     def dataset(self, split: str, input_context: tf.distribute.InputContext | None = None,
                 shuffle_seed: int | None = None):
@@ -124,16 +131,26 @@ def folder_files(root, holdout_fraction):
     if not classes:
         raise SourceError(f"image folder {root!r} has no class sub-folders")
     files = {"train": [], "validation": []}
+    left_out = collections.Counter()
     for label, name in enumerate(classes):
         for file_name in sorted(tf.io.gfile.listdir(_join(root, name))):
-            if not file_name.endswith(IMAGE_EXTENSIONS):
+            if file_name.endswith("/"):  # a nested folder
+                left_out["(folders)"] += 1
+                continue
+            if not file_name.lower().endswith(IMAGE_EXTENSIONS):
+                left_out[posixpath.splitext(file_name)[1].lower() or "(no extension)"] += 1
                 continue
             path = _join(root, name, file_name)
             key = zlib.crc32(f"{name}/{file_name}".encode()) % 10_000
             split = "validation" if key < holdout_fraction * 10_000 else "train"
             files[split].append((path, label, name))
+    if left_out:
+        logging.warning("image folder %s: left out %d entries that are not images TensorFlow decodes (%s); "
+                        "read: %s", root, sum(left_out.values()),
+                        ", ".join(f"{ext} {n}" for ext, n in sorted(left_out.items())), "/".join(IMAGE_EXTENSIONS))
     if not files["train"] and not files["validation"]:
-        raise SourceError(f"image folder {root!r} has no .jpg/.jpeg/.png files in its class folders")
+        raise SourceError(f"image folder {root!r} has no image files ({'/'.join(IMAGE_EXTENSIONS)}) "
+                          "in its class folders")
     return files, tuple(classes)
 
 
@@ -169,17 +186,39 @@ def parse_imagenet_record(record):
     return parsed["image/encoded"], tf.cast(parsed["image/class/label"], tf.int32) - 1
 
 
-def _tfrecord(location, num_classes):
-    if tf.io.gfile.isdir(location):
-        patterns = {s: _join(location, f"{s}-*") for s in ("train", "validation")}
-    elif "{split}" in location:
-        patterns = {s: location.format(split=s) for s in ("train", "validation")}
+TFRECORD_SPLITS = ("train", "validation")
+
+
+def tfrecord_split_files(location):
+    """{split: sorted shard paths} of a directory, a '{split}' pattern, or a glob.
+
+    A directory or a glob is split by the shards' names, train-* and
+    validation-* (the authors' converter's): one pattern never serves as both
+    splits, so validation accuracy is never measured on training shards.
+    """
+    if "{split}" in location:
+        files = {s: sorted(tf.io.gfile.glob(location.format(split=s))) for s in TFRECORD_SPLITS}
+        searched = [location.format(split=s) for s in TFRECORD_SPLITS]
     else:
-        patterns = {"train": location, "validation": location}
-    files = {s: sorted(tf.io.gfile.glob(p)) for s, p in patterns.items()}
+        pattern = _join(location, "*") if tf.io.gfile.isdir(location) else location
+        matched = sorted(p for p in tf.io.gfile.glob(pattern) if not tf.io.gfile.isdir(p))
+        files = {s: [p for p in matched if _basename(p).startswith(f"{s}-")] for s in TFRECORD_SPLITS}
+        others = sorted(set(matched) - set(files["train"]) - set(files["validation"]))
+        if others and not tf.io.gfile.isdir(location):
+            raise SourceError(
+                f"TFRecord pattern {location!r} matches {len(others)} files that are neither train-* nor "
+                f"validation-* (e.g. {_basename(others[0])!r}); one pattern cannot tell the splits apart: "
+                "name the shards train-*/validation-* (tools/images_to_tfrecords.py does) or give a pattern "
+                "with {split}, e.g. gs://bucket/imagenet/{split}-*")
+        searched = [pattern]
     files = {s: f for s, f in files.items() if f}
     if not files:
-        raise SourceError(f"no TFRecord files match {sorted(set(patterns.values()))}")
+        raise SourceError(f"no TFRecord files named train-*/validation-* match {', '.join(searched)}")
+    return files
+
+
+def _tfrecord(location, num_classes):
+    files = tfrecord_split_files(location)
 
     def make(split):
         def build(ctx, shuffle_seed):
@@ -198,7 +237,7 @@ def _tfrecord(location, num_classes):
         return build
 
     return Source("tfrecord", location, num_classes, None, True,
-                  {s: make(s) for s in files}, {s: None for s in files})
+                  {s: make(s) for s in files}, {s: None for s in files}, num_classes_known=False)
 
 
 # ----------------------------------------------------------------------- tfds

@@ -79,7 +79,7 @@ class MultiDomainNetwork(keras.Model):
     variant's row of the family's `variant_defaults(name)` (width, depth,
     resolution, dropout, drop connect) or to the class's BN_MOMENTUM and
     BN_EPSILON; a subclass then builds its layers, including head_dropout (a
-    Dropout or None) and classifier.
+    SeededDropout or None) and classifier.
     """
 
     BN_MOMENTUM = 0.99

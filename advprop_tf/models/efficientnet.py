@@ -1,8 +1,8 @@
 """EfficientNet B0-B8 and L2 as in the authors' builder, with multi-domain BN.
 
 Numbers (scaling table, stage table, rounding, initializers, BN momentum and
-epsilon, drop connect) follow tensorflow/tpu models/official/efficientnet;
-see FACTS.md. Every BN is a `MultiBatchNormalization`, and `domain=` /
+epsilon, drop connect) follow tensorflow/tpu models/official/efficientnet
+(efficientnet_builder.py, efficientnet_model.py, utils.py). Every BN is a `MultiBatchNormalization`, and `domain=` /
 `bn_mode=` given to the model reach every one of them.
 
 The model eats raw float32 pixels in [0, 255] and normalizes them itself, so
@@ -18,6 +18,7 @@ import keras
 import tensorflow as tf
 
 from advprop_tf.models.base import MultiDomainNetwork, round_filters, round_repeats
+from advprop_tf.models.dropout import SeededDropout
 from advprop_tf.models.multi_bn import MultiBatchNormalization
 
 # name: (width_coefficient, depth_coefficient, resolution, dropout_rate)
@@ -138,7 +139,7 @@ class MBConvBlock(keras.layers.Layer):
         self.project_bn = bn("project_bn")
         # One draw per sample: the whole residual branch is dropped or kept.
         if self.id_skip and drop_rate > 0:
-            self.drop_connect = keras.layers.Dropout(
+            self.drop_connect = SeededDropout(
                 drop_rate, noise_shape=(None, 1, 1, 1), name="drop_connect"
             )
         else:
@@ -254,7 +255,7 @@ class EfficientNet(MultiDomainNetwork):
         )
         self.head_bn = bn("head_bn")
         self.head_dropout = (
-            keras.layers.Dropout(self.dropout_rate, name="head_dropout")
+            SeededDropout(self.dropout_rate, name="head_dropout")
             if self.dropout_rate > 0 else None
         )
         self.classifier = keras.layers.Dense(

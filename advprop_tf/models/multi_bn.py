@@ -27,13 +27,56 @@ BN mode (`bn_mode=`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from typing import Sequence
 
 import keras
 import tensorflow as tf
 
 BN_MODES = ("train", "batch", "inference")
+_local = threading.local()  # MirroredStrategy runs each replica's step in its own thread
+
+
+class StatisticUpdates:
+    """The moving-statistic updates of a forward pass, collected instead of assigned.
+
+    Inside `collecting_statistic_updates()` a training-mode BN records its new
+    moving mean and variance here; later reads in the same pass see them. The
+    train step returns them from its (XLA-compiled, side-effect-free) part and
+    assigns them outside it, where several replicas may average them: an
+    assignment that synchronises replicas is not legal inside XLA.
+    """
+
+    def __init__(self):
+        self._values = {}  # id(variable) -> (variable, new value)
+
+    def read(self, variable):
+        entry = self._values.get(id(variable))
+        return tf.convert_to_tensor(variable) if entry is None else entry[1]
+
+    def write(self, variable, value):
+        self._values[id(variable)] = (variable, value)
+
+    def items(self):
+        """(variable, new value) pairs, in the order of their first update."""
+        return list(self._values.values())
+
+
+@contextlib.contextmanager
+def collecting_statistic_updates():
+    """Within, every MultiBatchNormalization records its updates in the yielded StatisticUpdates."""
+    previous = getattr(_local, "updates", None)
+    _local.updates = StatisticUpdates()
+    try:
+        yield _local.updates
+    finally:
+        _local.updates = previous
+
+
+def _collector():
+    return getattr(_local, "updates", None)
 
 
 def resolve_bn_mode(training, bn_mode):
@@ -69,6 +112,11 @@ class Chunks:
 @keras.saving.register_keras_serializable(package="advprop_tf")
 class MultiBatchNormalization(keras.layers.Layer):
     """Channels-last batch normalization with one BN per domain."""
+
+    # Batch statistics through TensorFlow's fused op (one op instead of ~40). Set False (on the class, for
+    # every layer) to compute them with plain ops: the same function, other float round-off, for checking
+    # that a result does not depend on it.
+    fused = True
 
     def __init__(
         self,
@@ -170,11 +218,22 @@ class MultiBatchNormalization(keras.layers.Layer):
                 return mean, variance
         return tf.nn.moments(x, axes, keepdims=True)
 
+    def _statistic(self, domain, key):
+        """A moving statistic as this pass sees it (with updates collected so far)."""
+        variable = self._vars[domain][key]
+        collector = _collector()
+        return variable if collector is None else collector.read(variable)
+
     def _update(self, domain, mean, variance):
-        v = self._vars[domain]
         m = self.momentum
-        v["moving_mean"].assign(v["moving_mean"] * m + mean * (1.0 - m))
-        v["moving_variance"].assign(v["moving_variance"] * m + variance * (1.0 - m))
+        collector = _collector()
+        for key, value in (("moving_mean", mean), ("moving_variance", variance)):
+            variable = self._vars[domain][key]
+            new = self._statistic(domain, key) * m + value * (1.0 - m)
+            if collector is None:
+                variable.assign(new)
+            else:
+                collector.write(variable, new)
 
     def call(self, inputs, training=None, domain=None, bn_mode=None):
         mode = resolve_bn_mode(training, bn_mode)
@@ -190,10 +249,10 @@ class MultiBatchNormalization(keras.layers.Layer):
 
     def _call_single(self, x, domain, mode):
         v = self._vars[domain]
-        if mode != "inference" and len(x.shape) == 4 and not self._synchronized_here():
+        if mode != "inference" and len(x.shape) == 4 and not self._synchronized_here() and self.fused:
             return self._fused_batch_statistics(x, domain, mode)
         if mode == "inference":
-            mean, variance = v["moving_mean"], v["moving_variance"]
+            mean, variance = self._statistic(domain, "moving_mean"), self._statistic(domain, "moving_variance")
         else:
             axes = list(range(len(x.shape) - 1))
             mean, variance = self._moments(x, axes)
@@ -236,7 +295,7 @@ class MultiBatchNormalization(keras.layers.Layer):
         n = len(names)
         batch = x.shape[0]
         if mode != "inference" and len(x.shape) == 4 and batch is not None and not batch % n \
-                and not self._synchronized_here():
+                and not self._synchronized_here() and self.fused:
             return self._call_chunks(x, Chunks(names, (batch // n,) * n), mode)
         if batch is not None and batch % n:
             raise ValueError(
@@ -258,7 +317,8 @@ class MultiBatchNormalization(keras.layers.Layer):
         param_shape = [n] + [1] * (rank - 1) + [-1]
 
         def stacked(key):
-            values = [tf.convert_to_tensor(self._vars[d][key]) for d in names]
+            values = [tf.convert_to_tensor(self._statistic(d, key) if key.startswith("moving") else self._vars[d][key])
+                      for d in names]
             return tf.reshape(tf.stack(values), param_shape)
 
         if mode == "inference":

@@ -25,6 +25,7 @@ import keras
 import tensorflow as tf
 
 from advprop_tf.models.base import MultiDomainNetwork, round_filters, round_repeats
+from advprop_tf.models.dropout import SeededDropout
 from advprop_tf.models.multi_bn import MultiBatchNormalization
 
 STAGE_DEPTHS = {
@@ -82,7 +83,7 @@ class BottleneckBlock(keras.layers.Layer):
             self.shortcut_conv = conv(4 * filters, 1, strides, name="shortcut_conv")
             self.shortcut_bn = bn("shortcut_bn")
         # Stochastic depth (off by default): one draw per sample for the residual branch.
-        self.drop_path = (keras.layers.Dropout(drop_rate, noise_shape=(None, 1, 1, 1), name="drop_path")
+        self.drop_path = (SeededDropout(drop_rate, noise_shape=(None, 1, 1, 1), name="drop_path")
                           if drop_rate > 0 else None)
 
     def weighted_layers(self):
@@ -151,7 +152,7 @@ class ResNet(MultiDomainNetwork):
                 )
                 self.blocks.append(block)
                 channels = 4 * width(stage_width)
-        self.head_dropout = keras.layers.Dropout(self.dropout_rate, name="head_dropout") if self.dropout_rate > 0 else None
+        self.head_dropout = SeededDropout(self.dropout_rate, name="head_dropout") if self.dropout_rate > 0 else None
         self.classifier = keras.layers.Dense(
             self.num_classes, kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
             bias_initializer="zeros", name="classifier",

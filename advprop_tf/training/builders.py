@@ -12,7 +12,14 @@ import math
 
 from advprop_tf.config import FAST_ADVPROP_ATTACK, adv_loss_weight, attack_steps, input_normalization, model_domains
 from advprop_tf.data.sources import parse_source
-from advprop_tf.methods import AttackConfig, fast_advprop_budget_scale, get_method, parse_epsilon_schedule
+from advprop_tf.methods import (
+    AttackConfig,
+    attacked_count,
+    fast_advprop_budget_scale,
+    get_method,
+    loaded_batch_size,
+    parse_epsilon_schedule,
+)
 from advprop_tf.models import build_model as build_network
 from advprop_tf.training.ema import ExponentialMovingAverage
 from advprop_tf.training.optimization import make_optimizer, make_schedule, scaled_learning_rate
@@ -40,6 +47,18 @@ def build_source(cfg):
                         synthetic_examples=options["synthetic_examples"], seed=0)
 
 
+def model_num_classes(cfg, source) -> int:
+    """--num_classes, else the source's; fewer model classes than the data's labels is an error
+    (tf.one_hot would make zero targets of the labels above, and train on nothing)."""
+    if cfg.num_classes is None:
+        return source.num_classes
+    if source.num_classes_known and cfg.num_classes < source.num_classes:
+        raise ValueError(f"--num_classes: {cfg.num_classes} is fewer than the {source.num_classes} classes of "
+                         f"--dataset={cfg.dataset}; its labels {cfg.num_classes}..{source.num_classes - 1} would "
+                         f"train toward no class. Pass --num_classes={source.num_classes} (or more)")
+    return cfg.num_classes
+
+
 def meaning_flags(cfg) -> dict:
     """The flags that fix what a run is (compared on resume)."""
     return {name: (list(value) if isinstance(value, (list, tuple)) else value)
@@ -59,16 +78,25 @@ class Length:
         return self.steps_per_epoch / self.budget_scale
 
 
-def budget_scale(cfg) -> float:
+def images_per_replica(cfg, replicas: int = 1) -> int:
+    """Images each replica's step reads: its share of --train_batch_size, plus, for fast_advprop, the
+    attacked images on top of those clean ones."""
+    clean = cfg.train_batch_size // replicas
+    return loaded_batch_size(clean, cfg.adv_fraction) if cfg.method == "fast_advprop" else clean
+
+
+def budget_scale(cfg, replicas: int = 1) -> float:
     if cfg.method == "fast_advprop" and cfg.match_vanilla_budget:
-        return fast_advprop_budget_scale(cfg.adv_fraction, attack_steps(cfg))
+        loaded = images_per_replica(cfg, replicas)
+        return fast_advprop_budget_scale(attacked_count(loaded, cfg.adv_fraction) / loaded, attack_steps(cfg))
     return 1.0
 
 
-def training_length(cfg, source) -> Length:
+def training_length(cfg, source, replicas: int = 1) -> Length:
+    """Epochs count the images read: a step reads images_per_replica x replicas of them."""
     examples = source.num_examples("train") or cfg.num_train_examples or IMAGENET_TRAIN_EXAMPLES
-    steps_per_epoch = max(1, examples // cfg.train_batch_size)
-    scale = budget_scale(cfg)
+    steps_per_epoch = max(1, examples // (images_per_replica(cfg, replicas) * replicas))
+    scale = budget_scale(cfg, replicas)
     total = cfg.train_steps or int(math.ceil(cfg.train_epochs / scale * steps_per_epoch))
     return Length(steps_per_epoch, total, scale)
 

@@ -4,6 +4,13 @@ The authors average every variable (tf.train.ExponentialMovingAverage with
 num_updates = global step, so the decay is min(decay, (1 + t) / (10 + t))) and
 evaluate and export with the averages. Keras' optimizer EMA covers only
 trainable variables, hence this small class.
+
+The update runs inside the replicated step (replica context), so that under
+TPUStrategy it runs on the device with the rest of the step instead of on
+the host. Every replica holds the same weights after the update, so each
+moves its own copy of the shadows identically: the shadows are sync-on-read
+variables (read from the first replica), and updating them needs no
+communication between replicas.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ class ExponentialMovingAverage(tf.Module):
         self.decay = float(decay)
         self._model_variables = list(model.weights)
         self.shadows = [
-            tf.Variable(tf.convert_to_tensor(v), trainable=False, name=v.path.replace("/", "__"))
+            tf.Variable(tf.convert_to_tensor(v), trainable=False, name=v.path.replace("/", "__"),
+                        synchronization=tf.VariableSynchronization.ON_READ,
+                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             for v in self._model_variables
         ]
 
@@ -31,7 +40,7 @@ class ExponentialMovingAverage(tf.Module):
         return tf.minimum(self.decay, (1.0 + step) / (10.0 + step))
 
     def update(self, step, hold=None):
-        """Move every shadow toward its variable (call in cross-replica context).
+        """Move every shadow toward its variable (in the replicated step: replica context).
 
         `hold` (bool tensor): keep the shadows as they are this time (a skipped step).
         """

@@ -25,7 +25,8 @@ from advprop_tf.methods import attacked_count
 from advprop_tf.models.base import WeightsByPath
 from advprop_tf.serving import export
 from advprop_tf.training import builders
-from advprop_tf.training.preemption import PreemptionWatcher
+from advprop_tf.training.preemption import SigtermWatcher
+from advprop_tf.training.step import compiles_update
 from advprop_tf.training.run_dir import EVAL_RESULTS, TRAIN_STATS, RunDir, make_run_config
 from advprop_tf.training.strategy import make_strategy, multi_worker_resolver, worker_role
 
@@ -86,26 +87,28 @@ class Trainer:
             raise ValueError(
                 f"--train_batch_size={cfg.train_batch_size} is not divisible by the {replicas} replicas"
             )
-        if cfg.jit_compile and replicas > 1 and not cfg.tpu:
+        if cfg.jit_compile and cfg.sync_bn and not compiles_update(self.strategy):
             raise ValueError(
-                "--jit_compile: not supported with several GPU/CPU replicas (BN statistic updates "
-                "synchronise replicas inside the step); on TPU the whole step is compiled anyway"
+                "--sync_bn: cannot be combined with --jit_compile on several GPU/CPU replicas (its all-reduce "
+                "inside the compiled part goes through tf.distribute's merge_call); on one replica and on "
+                "TPUs (whose all-reduce is an XLA op) it can"
             )
         if cfg.mixed_precision != "none":
             keras.mixed_precision.set_global_policy(f"mixed_{cfg.mixed_precision}")
         self.source = builders.build_source(cfg)
         check_readable(self.source)
-        self.num_classes = cfg.num_classes or self.source.num_classes
-        length = builders.training_length(cfg, self.source)
+        self.num_classes = builders.model_num_classes(cfg, self.source)
+        length = builders.training_length(cfg, self.source, replicas)
         self.steps_per_epoch, self.total_steps = length.steps_per_epoch, length.total_steps
+        self.per_replica_batch = builders.images_per_replica(cfg, replicas)
+        self.images_per_step = self.per_replica_batch * replicas
         if cfg.method == "fast_advprop":
-            per_replica = cfg.train_batch_size // replicas
-            if per_replica < 2:
-                raise ValueError(f"--train_batch_size: fast_advprop needs at least 2 images per replica (one clean, "
-                                 f"one attacked), got {per_replica} on each of {replicas} replicas")
-            logging.info("fast_advprop: %d of each replica's %d images attacked (--adv_fraction=%g); every epoch "
-                         "count divided by %.3f (p_adv x attack steps + 1, --match_vanilla_budget): %d steps",
-                         attacked_count(per_replica, cfg.adv_fraction), per_replica, cfg.adv_fraction,
+            clean = cfg.train_batch_size // replicas
+            logging.info("fast_advprop: each replica reads %d images, its %d clean ones (--train_batch_size=%d over "
+                         "%d replicas) and %d attacked on top (--adv_fraction=%g of those read); every epoch count "
+                         "divided by %.4f (attacked fraction x attack steps + 1, --match_vanilla_budget): %d steps",
+                         self.per_replica_batch, clean, cfg.train_batch_size, replicas,
+                         attacked_count(self.per_replica_batch, cfg.adv_fraction), cfg.adv_fraction,
                          length.budget_scale, self.total_steps)
         self.decode_stats = DecodeStats()
         self.seed = self._agreed(self.run_dir.seed(cfg.seed))
@@ -143,7 +146,7 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(**tracked)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.run_dir.checkpoint_dir,
                                                   max_to_keep=cfg.keep_checkpoints)
-        self._saved_step = None
+        self._saved = None  # (step, checkpoint path) of the newest checkpoint written or restored
         self.results = None
         self.export_path = None
         self.writer = self.run_dir.summary_writer("train")
@@ -164,9 +167,9 @@ class Trainer:
     def _train_input(self, ctx):
         # Each input pipeline (one per worker) feeds all of its local replicas:
         # after `step` steps it has produced step x global batch / pipelines examples.
-        skip = self._resume_step * self.cfg.train_batch_size // ctx.num_input_pipelines
+        skip = self._resume_step * self.images_per_step // ctx.num_input_pipelines
         return train_dataset(
-            self.source, self.resolution, ctx.get_per_replica_batch_size(self.cfg.train_batch_size),
+            self.source, self.resolution, self.per_replica_batch,
             augment=self.cfg.augment, randaugment_layers=self.cfg.randaugment_layers,
             randaugment_magnitude=self.cfg.randaugment_magnitude, views=self.views,
             seed=self.seed, shuffle_buffer=self.cfg.shuffle_buffer, stats=self.decode_stats,
@@ -179,18 +182,18 @@ class Trainer:
 
         def dataset_fn(ctx):
             return eval_dataset(self.source, self.resolution, per_replica, input_context=ctx, pad_to_batch=True,
-                                batches_multiple_of=ctx.num_replicas_in_sync // ctx.num_input_pipelines)
+                                batches_multiple_of=ctx.num_replicas_in_sync // ctx.num_input_pipelines,
+                                crop=self.cfg.eval_crop)
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
 
     # ---------------------------------------------------------------- restore
     def restore(self):
         """Resume from the run's newest checkpoint (or --init_checkpoint); returns the step."""
-        latest = self.run_dir.latest_checkpoint()
+        latest = self.run_dir.restore_newest(lambda path: self.checkpoint.restore(path).assert_existing_objects_matched())
         if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
             step = self.train_step.current_step
-            self._saved_step = step
+            self._saved = (step, latest)
             logging.info("resumed from %s at step %d", latest, step)
             if not self.iterator_saved and step:
                 self._resume_step = step
@@ -212,10 +215,10 @@ class Trainer:
     def save(self):
         """Checkpoint the current step (every worker saves; non-chief ones in their private directory)."""
         step = self.train_step.current_step
-        if self._saved_step == step and self.manager.latest_checkpoint:
-            return self.manager.latest_checkpoint
+        if self._saved is not None and self._saved[0] == step:
+            return self._saved[1]
         path = self.manager.save(checkpoint_number=step)
-        self._saved_step = step
+        self._saved = (step, path)
         return path
 
     def _record_start(self):
@@ -246,8 +249,9 @@ class Trainer:
         step = self.restore()
         self._record_start()  # after the restore: a failed start changes nothing on disk
         started, start_step = time.time(), step
-        timing = _TrainTiming(self.run_dir, cfg.train_batch_size, self.total_steps)
-        watcher = PreemptionWatcher(self.strategy, self.manager, self.save)
+        timing = _TrainTiming(self.run_dir, self.images_per_step, self.total_steps)
+        watcher = SigtermWatcher(self.train_step.request_stop)
+        logging.info("training steps %d to %d, host loops of up to %d steps", step, self.total_steps, cfg.steps_per_loop)
         try:
             while step < self.total_steps:
                 n = self._loop_length(step)
@@ -259,27 +263,29 @@ class Trainer:
                         f"the training data of {cfg.dataset!r} ran dry: no image could be decoded"
                     ) from None
                 sums = {k: float(v) for k, v in sums.items()}
-                step = self.train_step.current_step
+                done = self.train_step.current_step - step
+                step += done
                 if sums["non_finite"] > 0 and cfg.on_nan == "stop":
                     raise NonFiniteLossError(
-                        f"loss is not finite at step {step} (within the last {n} steps); stopped "
+                        f"loss is not finite at step {step} (within the last {done} steps); stopped "
                         f"without saving. The last good checkpoint is {self.run_dir.latest_checkpoint()}. "
                         "Lower --base_learning_rate, or pass --on_nan=skip to skip such steps."
                     )
                 elapsed = time.time() - loop_start
-                timing.add(n, elapsed, first=step - n == start_step)
-                self._log(step, n, sums, cfg.train_batch_size * n / elapsed,
+                timing.add(done, elapsed, first=step - done == start_step)
+                self._log(step, done, sums, self.images_per_step * done / elapsed,
                           (time.time() - started) / max(1, step - start_step) * (self.total_steps - step))
+                if self.train_step.stop_requested():  # this worker's SIGTERM or another's, agreed by all
+                    path = self.save()
+                    timing.write(step)
+                    logging.warning("SIGTERM: saved %s at step %d; exiting (weights fingerprint %s)",
+                                    path, step, weights_fingerprint(self.model))
+                    return None
                 if step % cfg.checkpoint_every_steps == 0 or step >= self.total_steps:
                     self.save()
                     timing.write(step)
                 if cfg.eval_every_steps and step % cfg.eval_every_steps == 0 and step < self.total_steps:
                     self.evaluate()
-                if watcher.should_stop():
-                    timing.write(step)
-                    logging.warning("SIGTERM: saved %s at step %d; exiting (weights fingerprint %s)",
-                                    watcher.saved_path, step, weights_fingerprint(self.model))
-                    return None
         finally:
             watcher.close()
         self.save()

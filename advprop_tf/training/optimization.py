@@ -116,13 +116,35 @@ def make_schedule(name, learning_rate, steps_per_epoch, total_steps, warmup_epoc
     raise ValueError(f"unknown learning-rate schedule {name!r}; valid: {', '.join(SCHEDULES)}")
 
 
+class NonFiniteSkippingOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Skips a step whose gradients are not finite, at a loss scale fixed to 1 (float32 runs, --on_nan=skip).
+
+    Keras' LossScaleOptimizer is what skips such a step under every strategy
+    (its finiteness test and conditional update sit in cross-replica context),
+    but it also halves its scale at each skip, meant for float16: after ~150
+    skips a float32 run's scale would reach 0 and every later step be skipped.
+    Here the skip changes nothing but the step's own update.
+    """
+
+    def __init__(self, inner_optimizer, name=None):
+        super().__init__(inner_optimizer, initial_scale=1.0, dynamic_growth_steps=2**31 - 1, name=name)
+
+    def _stateful_handle_non_finite_grads(self):
+        """Keras halves the scale here; a fixed scale of 1 stays."""
+
+    def _stateless_handle_non_finite_grads(self, optimizer_variables, trainable_variables):
+        return trainable_variables, optimizer_variables
+
+
 def make_optimizer(name, schedule, model=None, skip_non_finite=False, loss_scaling=False):
     """RMSProp(rho 0.9, momentum 0.9, eps 1e-3) as the authors, or SGD with Nesterov momentum.
 
     The RMSProp accumulators start at 1, as in TF1's RMSPropOptimizer that the
     authors used (Keras starts them at 0, which makes the first steps huge).
-    `loss_scaling` (float16) or `skip_non_finite` wrap it in a
-    LossScaleOptimizer, which skips any step whose gradients are not finite.
+    `loss_scaling` (float16) wraps it in a dynamic LossScaleOptimizer, which
+    skips any step whose gradients are not finite and halves its scale;
+    `skip_non_finite` alone (float32) in a NonFiniteSkippingOptimizer, which
+    skips such steps at a scale fixed to 1.
     """
     if name == "rmsprop":
         optimizer = keras.optimizers.RMSprop(schedule, rho=0.9, momentum=0.9, epsilon=1e-3)
@@ -135,11 +157,11 @@ def make_optimizer(name, schedule, model=None, skip_non_finite=False, loss_scali
         if name == "rmsprop":
             for velocity in optimizer._velocities:
                 velocity.assign(tf.ones_like(velocity))
+    if loss_scaling:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=2.0**15, dynamic_growth_steps=2000)
+    elif skip_non_finite:
+        optimizer = NonFiniteSkippingOptimizer(optimizer)
     if loss_scaling or skip_non_finite:
-        optimizer = keras.optimizers.LossScaleOptimizer(
-            optimizer, initial_scale=2.0**15 if loss_scaling else 1.0,
-            dynamic_growth_steps=2000 if loss_scaling else 10**9,
-        )
         if model is not None:
             optimizer.build(model.trainable_variables)
     return optimizer

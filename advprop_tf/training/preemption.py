@@ -1,92 +1,75 @@
-"""Stop training cleanly on SIGTERM (preemption, a scheduler's stop): save a checkpoint, then return.
+"""Act on SIGTERM (a preemption, a scheduler's stop) within the grace period: stop after the current step.
 
-Several workers (MultiWorkerMirroredStrategy): TensorFlow's own
-`tf.distribute.experimental.PreemptionCheckpointHandler`. A SIGTERM to ANY
-worker is shared through the coordination service; every worker then saves
-after the same step and stops, so no worker is left waiting in a collective.
+Compute Engine gives a preempted VM 30 seconds. A Python signal handler runs
+only when the main thread is back in Python, i.e. after the running graph loop
+of `steps_per_loop` steps (200 for configs/b3.flags: possibly minutes). So the
+signal's arrival is watched from a thread: Python's C-level handler writes the
+signal number to a wakeup file descriptor at once, the watcher thread wakes
+and sets the train step's stop flag, and the graph loop ends after the step
+it is in. The trainer then saves a checkpoint and returns.
 
-One process (CPU, GPUs, a TPU VM): the handler would not help. On Google
-Cloud VMs TensorFlow's handler deliberately does nothing for TPU and CPU
-devices, and a single process needs no agreement. There a SIGTERM sets a
-flag that the loop reads after each host loop, as before.
+Several workers: the stop flag is agreed inside the graph loop (the maximum
+over all workers, every step), so a SIGTERM to ANY worker stops them all after
+the same step and every worker saves that step; none is left waiting in a
+collective. (TensorFlow's PreemptionCheckpointHandler, used here before, saves
+only after one more host loop once a worker is signalled -- its protocol agrees
+on "run counter + 1" between host loops -- and on Google Cloud it ignores TPU
+and CPU devices altogether.)
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 
-import tensorflow as tf
 from absl import logging
 
-from advprop_tf.training.strategy import multi_worker_resolver
 
+class SigtermWatcher:
+    """Calls `on_sigterm()` from a thread as soon as SIGTERM arrives, while the main thread runs TensorFlow.
 
-class Preempted(Exception):
-    """Raised by the handler's exit function, after the checkpoint was saved."""
+    Only in the main thread (where Python allows signal handlers); elsewhere it
+    does nothing. `close()` restores the previous handler and wakeup fd.
+    """
 
-
-class _SignalFlag:
-    """SIGTERM -> a flag; the previous handler comes back on close()."""
-
-    def __init__(self):
+    def __init__(self, on_sigterm):
         self.requested = False
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
+        self._on_sigterm = on_sigterm
+        self._installed = False
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._previous_handler = signal.signal(signal.SIGTERM, self._handle)
+        self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        self._installed = True
+        self._closing = False
+        self._thread = threading.Thread(target=self._watch, name="sigterm-watcher", daemon=True)
+        self._thread.start()
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum, frame):  # the Python-level handler, run later by the main thread
         del signum, frame
         self.requested = True
 
-    def close(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-
-class PreemptionWatcher:
-    """`should_stop()` after each host loop: True once a checkpoint was saved because of a SIGTERM.
-
-    `save` is the trainer's save function (chief: the run's series; other
-    workers: their private directory); `manager` the CheckpointManager the
-    handler restores from on creation (the checkpoint the trainer restored).
-    """
-
-    def __init__(self, strategy, manager, save):
-        self._save = save
-        self._handler = None
-        self._flag = None
-        resolver = multi_worker_resolver(strategy)
-        if resolver is not None:
-            config = tf.distribute.experimental.TerminationConfig(exit_fn=self._exit, save_fn=self._save_once)
-            self._handler = tf.distribute.experimental.PreemptionCheckpointHandler(
-                resolver, manager, termination_config=config)
-            logging.info("preemption: tf.distribute.experimental.PreemptionCheckpointHandler")
-        else:
-            self._flag = _SignalFlag()
-        self.saved_path = None
-
-    def _save_once(self, *args, **kwargs):
-        del args, kwargs
-        self.saved_path = self._save()
-
-    @staticmethod
-    def _exit():
-        raise Preempted()
-
-    def should_stop(self) -> bool:
-        if self._handler is not None:
-            try:
-                self._handler.save_checkpoint_if_preempted()
-            except Preempted:
-                return True
-            return False
-        if self._flag.requested:
-            self.saved_path = self._save()
-            return True
-        return False
+    def _watch(self):
+        while True:
+            data = os.read(self._read, 64)  # blocks without the GIL until a signal (or close) writes
+            if self._closing or not data:
+                return
+            if signal.SIGTERM in data:
+                self.requested = True
+                logging.warning("SIGTERM: stopping after the current step")
+                self._on_sigterm()
 
     def close(self):
-        if self._flag is not None:
-            self._flag.close()
+        if not self._installed:
+            return
+        self._installed = False
+        signal.set_wakeup_fd(self._previous_fd)
+        signal.signal(signal.SIGTERM, self._previous_handler)
+        self._closing = True
+        os.write(self._write, b"\0")  # wake the thread so that it ends
+        self._thread.join(timeout=5)
+        os.close(self._read)
+        os.close(self._write)

@@ -98,6 +98,8 @@ class RunDir:
         if not path:
             raise RunDirError("--model_dir: is required")
         self.path = path.rstrip("/") or path
+        if tf.io.gfile.exists(self.path) and not tf.io.gfile.isdir(self.path):
+            raise RunDirError(f"--model_dir: {self.path!r} is a file, not a directory")
         self.is_chief = is_chief
         self.task_id = task_id
         # Non-chief workers must still write the checkpoints a strategy asks
@@ -129,6 +131,41 @@ class RunDir:
 
     def latest_checkpoint(self):
         return tf.train.latest_checkpoint(self.chief_checkpoint_dir)
+
+    def checkpoints_newest_first(self) -> list:
+        """Every checkpoint prefix of the series (ckpt-<step>), the highest step first.
+
+        Read from the files themselves, not only from the CheckpointManager's
+        state file, so that a damaged newest checkpoint still leaves the others.
+        """
+        prefixes = [path[: -len(".index")] for path in tf.io.gfile.glob(join(self.chief_checkpoint_dir, "ckpt-*.index"))]
+        steps = {prefix: prefix.rsplit("-", 1)[1] for prefix in prefixes}
+        return sorted((p for p in prefixes if steps[p].isdigit()), key=lambda p: int(steps[p]), reverse=True)
+
+    def restore_newest(self, restore) -> str | None:
+        """Call `restore(prefix)` on the newest checkpoint that restores; returns its prefix (None: no checkpoint).
+
+        A checkpoint that fails (a truncated file from a full disk or a partial
+        copy) is skipped with a warning naming it and the reason, and the next
+        older one is tried: the run loses steps, never itself. RunDirError
+        when none restores.
+        """
+        failures = []
+        for prefix in self.checkpoints_newest_first():
+            try:
+                restore(prefix)
+            except (tf.errors.OpError, ValueError, IndexError, AssertionError) as e:
+                reason = (getattr(e, "message", None) or str(e) or type(e).__name__).splitlines()[0]
+                logging.warning("skipping checkpoint %s: it does not restore (%s)", prefix, reason)
+                failures.append(f"{prefix}: {reason}")
+                continue
+            if failures:
+                logging.warning("restored the older checkpoint %s instead", prefix)
+            return prefix
+        if failures:
+            raise RunDirError(f"--model_dir: none of the {len(failures)} checkpoints in {self.chief_checkpoint_dir!r} "
+                              f"restores (newest: {failures[0]})")
+        return None
 
     # ------------------------------------------------------------------ files
     def exists(self, name: str) -> bool:

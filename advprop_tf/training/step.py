@@ -1,20 +1,40 @@
-"""The train step: attack + forward + backward + update, inside `strategy.run`.
+"""The train step: attack, forward, backward, update, EMA and step counter, all inside `strategy.run`.
 
-One `tf.function` runs `steps_per_loop` steps (a graph loop) so TPUs stay fed;
-each replica computes its share of the loss scaled by the GLOBAL batch, the
-optimizer sums gradients across replicas, and the EMA and step counter are
-updated in cross-replica context.
+One `tf.function` runs up to `steps_per_loop` steps (a graph loop) so that
+accelerators stay fed; it stops early, on every worker at the same step, once
+`stop_flag` is set (a SIGTERM: preemption.py). Each replica computes its
+share of the loss scaled by the GLOBAL batch; the optimizer sums gradients
+across replicas.
+
+A replica's step has two parts:
+  compute: the method's attack, forward and backward passes -> gradients, the
+    new values of the BN moving statistics (collected, not assigned:
+    multi_bn.collecting_statistic_updates) and metrics. It writes no variable.
+  update: the statistics assigned (averaged across replicas), the optimizer
+    step, the EMA of every weight and statistic, the step counter.
+Nothing runs in cross-replica context but the loop itself, so under
+TPUStrategy the whole step runs on the device. With `jit_compile`, XLA
+compiles the whole replica step on one replica (a TPU compiles all of
+`strategy.run` anyway); on several GPU/CPU replicas it compiles the compute
+part, because there tf.distribute synchronises the update's assignments
+through merge_call, which cannot run inside XLA.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import keras
 import tensorflow as tf
 
+from advprop_tf import randomness
 from advprop_tf.attacks.pgd import steps_for_epsilon
 from advprop_tf.methods import AttackConfig, StepContext, add_gradients, scheduled_epsilon
+from advprop_tf.models.multi_bn import collecting_statistic_updates
 from advprop_tf.training.optimization import make_loss_fn, weight_decay_loss
+from advprop_tf.training.strategy import multi_worker_resolver
+
+DROPOUT_STREAM = 0xD20F  # the dropout masks' seeds are folded from the step's seed with this salt
 
 
 @dataclasses.dataclass
@@ -35,6 +55,11 @@ class StepConfig:
     skip_non_finite: bool = False  # a step with a non-finite loss changes nothing (pair with a LossScaleOptimizer)
 
 
+def compiles_update(strategy) -> bool:
+    """Whether XLA may compile a replica's update too: on one replica, or on TPUs (which compile everything)."""
+    return strategy.num_replicas_in_sync == 1 or isinstance(strategy, tf.distribute.TPUStrategy)
+
+
 class TrainStep:
     """Builds and holds the compiled training function for one model/method/optimizer."""
 
@@ -47,20 +72,35 @@ class TrainStep:
         self.ema = ema
         self.loss_fn = make_loss_fn(config.num_classes, config.label_smoothing)
         with self.strategy.scope():
-            self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        # XLA compiles attack + forward + backward as one nested function. Without
-        # it nothing is nested: replica-context BN updates must not sit in a
-        # nested tf.function under MirroredStrategy.
+            # Every replica counts the steps itself (identical counts): no communication, and the
+            # counter is read where the step runs (on the device).
+            self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
+                                           synchronization=tf.VariableSynchronization.ON_READ,
+                                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        # Host-side and never checkpointed: set (from any thread) to end the current graph loop early.
+        self.stop_flag = tf.Variable(False, trainable=False, name="stop_requested")
+        self._statistics = [v for layer in model.bn_layers() for d in layer.domains
+                            for key, v in layer.domain_variables(d).items() if key.startswith("moving")]
+        self._statistic_index = {id(v): i for i, v in enumerate(self._statistics)}
+        self._multi_worker = multi_worker_resolver(self.strategy) is not None
+        self._compute_part = self._compute
+        self._replica_part = self._replica_step
         if config.jit_compile:
-            self._compute = tf.function(self._compute_gradients, jit_compile=True)
-        else:
-            self._compute = self._compute_gradients
+            if compiles_update(self.strategy):
+                self._replica_part = tf.function(self._replica_step, jit_compile=True)
+            else:
+                self._compute_part = tf.function(self._compute, jit_compile=True)
         self.run_loop = tf.function(self._run_loop)
-        self.run_batch = tf.function(self._run_batch)
+        self.run_batch = tf.function(self._one_step)
+        self.stop_requested = tf.function(self._stop_requested)
 
     @property
     def current_step(self) -> int:
         return int(self.global_step.numpy())
+
+    def request_stop(self):
+        """End the running (or next) graph loop after its current step; safe from another thread."""
+        self.stop_flag.assign(True)
 
     # ----------------------------------------------------------- replica side
     def _context(self, step):
@@ -80,11 +120,10 @@ class TrainStep:
             adv_fraction=cfg.adv_fraction, noisy_weight=cfg.noisy_weight, scale_loss=self.optimizer.scale_loss,
         )
 
-    def _compute_gradients(self, images, labels, step):
+    def _gradients(self, images, labels, ctx):
         cfg = self.config
         num_replicas = self.strategy.num_replicas_in_sync
         variables = self.model.trainable_variables
-        ctx = self._context(step)
         if getattr(self.method, "computes_gradients", False):
             loss, grads, metrics = self.method(self.model, images, labels, ctx)
             with tf.GradientTape() as tape:
@@ -106,58 +145,62 @@ class TrainStep:
         sums["non_finite"] = 1.0 - tf.cast(tf.math.is_finite(loss), tf.float32)
         return grads, sums
 
-    def _replica_step(self, images, labels, step):
-        if self.config.skip_non_finite:
-            return self._replica_step_skipping_non_finite(images, labels, step)
-        return self._apply(*self._compute(images, labels, step))
+    def _compute(self, images, labels, step):
+        """(gradients, {statistic index: new value}, metric sums): reads variables, writes none."""
+        ctx = self._context(step)
+        with collecting_statistic_updates() as updates, randomness.seeded(randomness.fold_in(ctx.seed, DROPOUT_STREAM)):
+            grads, sums = self._gradients(images, labels, ctx)
+        statistics = {f"{self._statistic_index[id(v)]:05d}": value for v, value in updates.items()}
+        return grads, statistics, sums
 
-    def _replica_step_skipping_non_finite(self, images, labels, step):
-        """As _replica_step, but a non-finite loss on any replica leaves BN statistics as they were.
+    def _replica_step(self, images, labels):
+        step = self.global_step.read_value()
+        grads, statistics, sums = self._compute_part(images, labels, step)
+        return self._update(grads, statistics, sums, step)
 
-        (The LossScaleOptimizer skips the weight update itself.)
-        """
-        statistics = self.model.non_trainable_variables
-        saved = [tf.identity(tf.convert_to_tensor(v)) for v in statistics]
-        with tf.control_dependencies(saved):
-            grads, sums = self._compute(images, labels, step)
-        ctx = tf.distribute.get_replica_context()
-        bad = ctx.all_reduce(tf.distribute.ReduceOp.SUM, sums["non_finite"]) > 0
-        restores = [variable.assign(tf.where(bad, value, tf.convert_to_tensor(variable)))
-                    for variable, value in zip(statistics, saved)]
-        # Every replica finishes this all-reduce before the gradients' one.
-        with tf.control_dependencies(restores):
-            grads = [None if g is None else tf.identity(g) for g in grads]
-        return self._apply(grads, sums)
-
-    def _apply(self, grads, sums):
+    def _update(self, grads, statistics, sums, step):
+        """Assign the statistics, apply the gradients, move the EMA and the counter; returns the global sums."""
+        sums = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, sums)
+        bad = sums["non_finite"] > 0  # on any replica: every replica skips alike
+        for key, value in statistics.items():
+            variable = self._statistics[int(key)]
+            if self.config.skip_non_finite:
+                value = tf.where(bad, tf.convert_to_tensor(variable), value)
+            variable.assign(value)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # A LossScaleOptimizer skips non-finite gradients, judging by the first replica's: make all agree.
+            poison = tf.where(bad, float("nan"), 0.0)
+            grads = [None if g is None else g + tf.cast(poison, g.dtype) for g in grads]
         # Variables the method does not use (auxiliary BNs of single-BN
         # methods) have no gradient: leave them and their optimizer slots alone.
-        pairs = [(g, v) for g, v in zip(grads, self.model.trainable_variables) if g is not None]
-        self.optimizer.apply_gradients(pairs)
+        self.optimizer.apply_gradients([(g, v) for g, v in zip(grads, self.model.trainable_variables) if g is not None])
+        self.global_step.assign_add(1)
+        if self.ema is not None:
+            self.ema.update(step + 1, hold=bad if self.config.skip_non_finite else None)
         return sums
 
     # ------------------------------------------------------ cross-replica side
     def _one_step(self, images, labels):
-        step = self.global_step.read_value()
-        per_replica = self.strategy.run(self._replica_step, args=(images, labels, step))
-        sums = {
-            k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
-            for k, v in per_replica.items()
-        }
-        self.global_step.assign_add(1)
-        if self.ema is not None:
-            self.ema.update(self.global_step, hold=sums["non_finite"] > 0 if self.config.skip_non_finite else None)
-        return sums
+        """One step on a distributed (or, on one device, plain) batch; returns the global metric sums."""
+        per_replica = self.strategy.run(self._replica_part, args=(images, labels))
+        return {k: self.strategy.experimental_local_results(v)[0] for k, v in per_replica.items()}
 
-    def _run_batch(self, images, labels):
-        """One step on an already distributed (or, single device, plain) batch."""
-        return self._one_step(images, labels)
+    def _stop_requested(self):
+        """The stop flag, agreed by all workers (any worker's SIGTERM stops them all after the same step): the
+        number of replicas whose worker was signalled, summed over all of them."""
+        flag = tf.cast(self.stop_flag.read_value(), tf.int32)
+        if self._multi_worker:
+            values = self.strategy.experimental_distribute_values_from_function(lambda _: tf.identity(flag))
+            flag = self.strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None)
+        return flag > 0
 
     def _run_loop(self, iterator, num_steps):
-        """`num_steps` steps from a distributed iterator; returns summed metrics."""
+        """Up to `num_steps` steps from a distributed iterator (fewer once a stop is requested); summed metrics."""
         images, labels = next(iterator)
         totals = self._one_step(images, labels)
         for _ in tf.range(num_steps - 1):
+            if self._stop_requested():
+                break
             images, labels = next(iterator)
             sums = self._one_step(images, labels)
             totals = {k: totals[k] + sums[k] for k in totals}
