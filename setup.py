@@ -37,7 +37,10 @@ setup(
         "tools": ["matplotlib>=3.7"],  # the chart of tools/compare_methods.py
         # The ImageNet-C code (with its frost images) for --corruption_backend=imagecorruptions.
         "corruptions": ["imagecorruptions==1.1.2"],
-        "test": ["pytest>=7", "matplotlib>=3.7", "imagecorruptions==1.1.2"],
+        # keras-hub is not an extra: its releases require tensorflow-text, which requires the full
+        # `tensorflow` package beside our tensorflow-cpu/-tpu, and an older kagglesdk than keras-cv's
+        # kagglehub. The tests install it with --no-deps (README); these are its other needs.
+        "test": ["pytest>=7", "matplotlib>=3.7", "imagecorruptions==1.1.2", "regex", "sentencepiece", "tokenizers"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -16,6 +16,11 @@ def fail(program: str, message: str):
     sys.exit(2)
 
 
+def fail_setting(program: str, error, flag_of=lambda field: field):
+    """fail() for a ConfigError: `--<its field's flag>: <reason>`."""
+    fail(program, f"--{flag_of(error.field)}: {error.reason}")
+
+
 class _OursOrWarnings(std_logging.Filter):
     """Let through this package's log lines and anyone's warnings and errors."""
 
@@ -41,6 +46,7 @@ def run(main, program: str, flag_values=flags.FLAGS):
         try:
             return flag_values(argv)
         except flags.Error as e:
-            fail(program, str(e).splitlines()[0])
+            message = str(e)  # absl's message continues with the flag's help
+            fail(program, message.splitlines()[0])
 
     app.run(main, flags_parser=parse)

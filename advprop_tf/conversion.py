@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from advprop_tf.domains import MAIN
+from advprop_tf.errors import ConfigError
 
-class ConvertError(ValueError):
-    """Bad request; the message starts with the flag it is about."""
+
+class ConvertError(ConfigError):
+    """A bad request; `field` names the setting."""
 
 
 def resolve_source(path):
@@ -19,15 +22,15 @@ def resolve_source(path):
 
     if path.endswith(".h5"):
         if tf.io.gfile.isdir(path) or not tf.io.gfile.exists(path):
-            raise ConvertError(f"--source: {path!r} does not exist")
+            raise ConvertError("source", f"{path!r} does not exist")
         return path
     try:
         return resolve_checkpoint(path)[0]
     except InitError as e:
-        raise ConvertError(f"--source: {str(e).split(': ', 1)[1]}") from None
+        raise ConvertError("source", e.reason) from None
 
 
-def convert(source: str, model_name: str, output: str, advprop: bool = False, use_ema: bool = True,
+def convert(source: str, model_name: str, output: str, inception_normalization: bool = False, use_ema: bool = True,
             num_classes: int | None = None, resolution: int | None = None,
             width_coefficient: float | None = None, depth_coefficient: float | None = None,
             export_saved_model: bool = False) -> str:
@@ -41,45 +44,46 @@ def convert(source: str, model_name: str, output: str, advprop: bool = False, us
 
     for flag, value in (("source", source), ("model", model_name), ("output", output)):
         if not value:
-            raise ConvertError(f"--{flag}: is required")
+            raise ConvertError(flag, "is required")
     if model_name not in EFFICIENTNET_NAMES:
-        raise ConvertError(f"--model: the authors' checkpoints are EfficientNets, not {model_name!r}; "
+        raise ConvertError("model", f"the authors' checkpoints are EfficientNets, not {model_name!r}; "
                            f"valid: {', '.join(EFFICIENTNET_NAMES)}")
     run_dir = RunDir(output)
     if run_dir.latest_checkpoint():
-        raise ConvertError(f"--output: {output!r} already holds a checkpoint; not overwriting it")
+        raise ConvertError("output", f"{output!r} already holds a checkpoint; not overwriting it")
     requested = source
     source = resolve_source(source)
 
     def build(classes, input_normalization):
         return build_efficientnet(
-            model_name, num_classes=classes, domains=("clean",), input_normalization=input_normalization,
+            model_name, num_classes=classes, domains=(MAIN,), input_normalization=input_normalization,
             resolution=resolution, width_coefficient=width_coefficient, depth_coefficient=depth_coefficient,
         )
 
     if source.endswith(".h5"):
         from advprop_tf.training.initialization import InitError, keras_application_model
 
-        if advprop:
-            raise ConvertError("--advprop: Keras applications weights are the baseline ones (ImageNet mean/std)")
+        if inception_normalization:
+            raise ConvertError("inception_normalization", "Keras applications weights are the baseline ones "
+                               "(ImageNet mean/std)")
         model = build(num_classes or 1000, "imagenet")
         try:
             keras_application_model(source, model, skip_head=False)
         except InitError as e:
-            raise ConvertError(f"--source: {str(e).split(': ', 1)[1]}") from None
+            raise ConvertError("source", e.reason) from None
         summary = f"copied every layer of {source}"
     else:
         shapes = checkpoint_reader(source).get_variable_to_shape_map()
         scopes = checkpoint_scopes(shapes)
         if model_name not in scopes:
-            raise ConvertError(f"--model: {source} holds {', '.join(scopes) or 'no EfficientNet'}, not {model_name}")
+            raise ConvertError("model", f"{source} holds {', '.join(scopes) or 'no EfficientNet'}, not {model_name}")
         head = shapes.get(f"{model_name}/head/dense/bias")
         num_classes = num_classes or (int(head[0]) if head else 1000)
-        model = build(num_classes, "inception" if advprop else "imagenet")
+        model = build(num_classes, "inception" if inception_normalization else "imagenet")
         try:
             report = load_authors_checkpoint(model, source, scope=model_name, use_ema=use_ema)
         except CheckpointMismatch as e:
-            raise ConvertError(f"--source: {e}") from None
+            raise ConvertError("source", str(e)) from None
         summary = f"loaded {report.loaded} variables ({report.from_ema} from EMA shadows) from {source}"
         if report.without_ema:
             summary += f"\nno EMA shadow, raw value used: {', '.join(report.without_ema)}"

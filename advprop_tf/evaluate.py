@@ -31,8 +31,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import flags  # noqa: E402
 
 from advprop_tf import cli  # noqa: E402
+from advprop_tf.domains import MAIN  # noqa: E402
+from advprop_tf.errors import ConfigError  # noqa: E402
 
-from advprop_tf.attacks.pgd import steps_for_epsilon  # noqa: E402
+from advprop_tf.attacks.pgd import AttackConfig  # noqa: E402
 from advprop_tf.data.corruptions import parse_corruptions, parse_severities  # noqa: E402
 from advprop_tf.data.imagenet_c import BACKENDS, IMAGENET_C_CORRUPTIONS  # noqa: E402
 from advprop_tf.data.preprocessing import EVAL_CROPS  # noqa: E402
@@ -80,60 +82,57 @@ def define_flags(fv=FLAGS):
     d("string", "output", None, "Results JSON path.")
 
 
-class UsageError(ValueError):
-    """A bad flag: the message starts with its name."""
+class UsageError(ConfigError):
+    """A bad flag of this command line: `field` is its name."""
 
 
 def validate(f=FLAGS):
     """Check the flags before TensorFlow builds anything; returns (corruptions, severities, reference)."""
     if bool(f.model_dir) == bool(f.saved_model):
-        raise UsageError("--model_dir: give exactly one of --model_dir and --saved_model")
+        raise UsageError("model_dir", "give exactly one of --model_dir and --saved_model")
     path = f.model_dir or f.saved_model
     flag = "model_dir" if f.model_dir else "saved_model"
     if not _is_dir(path, flag):
-        raise UsageError(f"--{flag}: {path!r} does not exist")
+        raise UsageError(flag, f"{path!r} does not exist")
     if f.dataset is not None and f.dataset.partition(":")[0] not in SOURCE_KINDS:
-        raise UsageError(f"--dataset: unknown data source {f.dataset!r}; valid kinds: {', '.join(SOURCE_KINDS)}")
+        raise UsageError("dataset", f"unknown data source {f.dataset!r}; valid kinds: {', '.join(SOURCE_KINDS)}")
     if f.saved_model and f.dataset is None:
-        raise UsageError("--dataset: is required with --saved_model")
+        raise UsageError("dataset", "is required with --saved_model")
     if f.batch_size < 1:
-        raise UsageError(f"--batch_size: must be >= 1, got {f.batch_size}")
+        raise UsageError("batch_size", f"must be >= 1, got {f.batch_size}")
     if f.epsilon < 0:
-        raise UsageError(f"--epsilon: must be >= 0, got {f.epsilon:g}")
+        raise UsageError("epsilon", f"must be >= 0, got {f.epsilon:g}")
     if f.step_size <= 0:
-        raise UsageError(f"--step_size: must be > 0, got {f.step_size:g}")
+        raise UsageError("step_size", f"must be > 0, got {f.step_size:g}")
     if f.num_steps is not None and f.num_steps < 1:
-        raise UsageError(f"--num_steps: must be >= 1, got {f.num_steps}")
+        raise UsageError("num_steps", f"must be >= 1, got {f.num_steps}")
     try:
         if f.corruption_backend == "ingraph":
             corruptions = parse_corruptions(f.corruptions)
         else:
             corruptions = parse_corruptions(f.corruptions, IMAGENET_C_CORRUPTIONS, "ImageNet-C corruption")
     except ValueError as e:
-        raise UsageError(f"--corruptions: {e}") from None
+        raise UsageError("corruptions", str(e)) from None
     if f.corruption_backend != "ingraph" and not corruptions:
-        raise UsageError(f"--corruptions: --corruption_backend={f.corruption_backend} needs corruptions, e.g. all")
+        raise UsageError("corruptions", f"--corruption_backend={f.corruption_backend} needs corruptions, e.g. all")
     if f.corruption_backend == "imagecorruptions":
         try:
             import imagecorruptions  # noqa: F401
         except ImportError:
-            raise UsageError('--corruption_backend: imagecorruptions is not installed; pip install -e ".[corruptions]"') from None
+            raise UsageError("corruption_backend", 'imagecorruptions is not installed; pip install -e ".[corruptions]"') from None
     try:
         severities = parse_severities(f.severities)
     except ValueError as e:
-        raise UsageError(f"--severities: {e}") from None
+        raise UsageError("severities", str(e)) from None
     reference = None
     if f.reference_results:
         if not corruptions:
-            raise UsageError("--reference_results: needs --corruptions (the mCE compares corruption errors)")
-        from advprop_tf.training.run_dir import RunDirError, read_json
+            raise UsageError("reference_results", "needs --corruptions (the mCE compares corruption errors)")
+        from advprop_tf.training.run_dir import read_json
 
-        try:
-            reference = read_json(f.reference_results)
-        except RunDirError as e:
-            raise UsageError(f"--reference_results: {e}") from None
+        reference = read_json(f.reference_results, field="reference_results")
     if f.label_subset not in ("none", "auto") and not _is_file(f.label_subset, "label_subset"):
-        raise UsageError(f"--label_subset: {f.label_subset!r} is neither none, auto nor a file")
+        raise UsageError("label_subset", f"{f.label_subset!r} is neither none, auto nor a file")
     return corruptions, severities, reference
 
 
@@ -151,7 +150,7 @@ def _label_subset(spec, source, split):
         try:
             return sorted({int(token) for token in fh.read().replace(",", " ").split()})
         except ValueError:
-            raise UsageError(f"--label_subset: {spec!r} must hold integer class ids") from None
+            raise UsageError("label_subset", f"{spec!r} must hold integer class ids") from None
 
 
 def run(f=FLAGS, log=print):
@@ -165,14 +164,14 @@ def run(f=FLAGS, log=print):
 
     corruptions, severities, reference = validate(f)
     if f.model_dir:
-        classifier = evaluation.classifier_from_model_dir(f.model_dir, f.domain or "clean", f.use_ema)
+        classifier = evaluation.classifier_from_model_dir(f.model_dir, f.domain or MAIN, f.use_ema)
     else:
         classifier = evaluation.classifier_from_saved_model(f.saved_model, f.domain)
     run_config = classifier.run_config
     options = run_config.get("data_options", {})
     dataset_spec = f.dataset or run_config.get("dataset")
     if not dataset_spec:
-        raise UsageError(f"--dataset: is required ({f.model_dir!r} does not record its training data)")
+        raise UsageError("dataset", f"is required ({f.model_dir!r} does not record its training data)")
     data_dir = f.data_dir if f.data_dir is not None else (None if f.dataset else options.get("data_dir"))
     if f.holdout_fraction is not None:
         holdout = f.holdout_fraction
@@ -188,21 +187,20 @@ def run(f=FLAGS, log=print):
             synthetic_examples=f.synthetic_examples or options.get("synthetic_examples", 10_000), seed=0,
         )
         if split not in source.splits:
-            raise UsageError(f"--split: {dataset_spec!r} has no split {split!r}; it has {source.splits}")
+            raise UsageError("split", f"{dataset_spec!r} has no split {split!r}; it has {source.splits}")
         subset = _label_subset(f.label_subset, source, split)
     except SourceError as e:
-        raise UsageError(f"--dataset: {e}") from None
+        raise UsageError("dataset", e.reason) from None
     label_map = None
     if subset is not None:
         classifier = evaluation.restrict_to_labels(classifier, subset)
         label_map = evaluation.subset_label_map(subset)
     elif source.num_classes and source.num_classes > classifier.num_classes:
-        raise UsageError(f"--dataset: {dataset_spec!r} has {source.num_classes} classes, the model "
+        raise UsageError("dataset", f"{dataset_spec!r} has {source.num_classes} classes, the model "
                          f"{classifier.num_classes}; for a class subset pass --label_subset")
     attack = None
     if f.attack == "pgd":
-        steps = f.num_steps if f.num_steps is not None else steps_for_epsilon(f.epsilon)
-        attack = evaluation.AttackSpec(f.epsilon, steps, f.step_size, f.targeted, f.random_start)
+        attack = AttackConfig(f.epsilon, f.num_steps, f.step_size, f.targeted, f.random_start)
     def measure(source, split, crop=f.eval_crop, **kwargs):
         # Padded to full batches (label -1, not counted): every batch has one shape, one trace.
         data = eval_dataset(source, classifier.resolution, f.batch_size, split=split, pad_to_batch=True, crop=crop)
@@ -243,7 +241,7 @@ def _tfds_source(name, severity, data_dir):
     try:
         return parse_source(f"tfds:{tfds_name(name, severity)}", data_dir)
     except SourceError as e:
-        raise UsageError(f"--corruption_backend: {e}") from None
+        raise UsageError("corruption_backend", e.reason) from None
 
 
 def _default_output(f, classifier):
@@ -261,7 +259,7 @@ def _is_dir(path, flag):
     try:
         return tf.io.gfile.isdir(path)
     except tf.errors.OpError as e:
-        raise UsageError(f"--{flag}: cannot check {path!r}: {e.message.splitlines()[0]}") from None
+        raise UsageError(flag, f"cannot check {path!r}: {e.message.splitlines()[0]}") from None
 
 
 def _is_file(path, flag):
@@ -270,7 +268,7 @@ def _is_file(path, flag):
     try:
         return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
     except tf.errors.OpError as e:
-        raise UsageError(f"--{flag}: cannot check {path!r}: {e.message.splitlines()[0]}") from None
+        raise UsageError(flag, f"cannot check {path!r}: {e.message.splitlines()[0]}") from None
 
 
 def fail(message):
@@ -280,12 +278,12 @@ def fail(message):
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; flags are written --name=value")
-    from advprop_tf.evaluation import EvaluationError, results_table
+    from advprop_tf.evaluation import results_table
 
     try:
         results, output = run(FLAGS, log=lambda line: print(line, file=sys.stderr, flush=True))
-    except (UsageError, EvaluationError) as e:
-        fail(str(e))
+    except ConfigError as e:
+        cli.fail_setting("advprop_tf.evaluate", e)
     print(results_table(results))
     print(f"results: {output}")
 

@@ -1,6 +1,6 @@
 """python -m advprop_tf.export --model_dir=<training dir> [--export_dir=<dir>] [--domain=clean] [--use_ema] [--version=N]
 
-Writes a float32 SavedModel with ONE BN set (the main "clean" one by default;
+Writes a float32 SavedModel with ONE BN set (the main one by default;
 "adv" gives the robust network) under export_dir/<version>/; see
 advprop_tf/serving.py for its signatures. Bad flags exit with status 2 and
 one line naming the flag.
@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import flags  # noqa: E402
 
 from advprop_tf import cli  # noqa: E402
+from advprop_tf.domains import MAIN  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -22,7 +23,7 @@ FLAGS = flags.FLAGS
 def define_flags():
     flags.DEFINE_string("model_dir", None, "Training directory (checkpoints, run_config.json).")
     flags.DEFINE_string("export_dir", None, "Where versioned SavedModels go (default: <model_dir>/export).")
-    flags.DEFINE_string("domain", "clean", "BN domain to export: clean (main) or an auxiliary one, e.g. adv.")
+    flags.DEFINE_string("domain", MAIN, f"BN domain to export: {MAIN} (main) or an auxiliary one, e.g. adv.")
     flags.DEFINE_bool("use_ema", None, "Export the EMA averages (as evaluated) rather than the raw weights "
                       "(default: when the run kept an EMA).")
     flags.DEFINE_integer("version", None, "Version sub-directory (default: next free integer).")
@@ -33,18 +34,17 @@ def fail(message):
 
 
 def main(argv):
-    from advprop_tf.serving import ExportError, export
+    from advprop_tf.errors import ConfigError
+    from advprop_tf.serving import export
     from advprop_tf.training.run_dir import RunDir
 
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}")
-    if not FLAGS.model_dir:
-        fail("--model_dir: is required")
     try:
         path = export(FLAGS.model_dir, FLAGS.export_dir or RunDir(FLAGS.model_dir).export_dir,
                       FLAGS.domain, FLAGS.use_ema, FLAGS.version)
-    except ExportError as e:
-        fail(str(e))
+    except ConfigError as e:
+        cli.fail_setting("advprop_tf.export", e)
     print(f"exported {path}")
 
 

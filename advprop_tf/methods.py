@@ -5,21 +5,29 @@ A method is a small function
     method(model, images, labels, ctx) -> (loss_sum, metrics)
 
 * `images`: float pixels [B, H, W, 3] in [0, 255], or a dict of views of the
-  same B images ({"clean": ..., "autoaugment": ...}) for N-domain AdvProp;
+  same B images (the clean images and each input-view domain's) for N-domain AdvProp;
 * `loss_sum`: the objective SUMMED over examples; the loop divides it by the
   global clean batch size (so AdvProp's loss is mean clean CE + mean adv CE)
   and adds weight decay;
 * `metrics`: per-example float vectors ("clean_loss", "clean_correct",
   "adv_loss", "adv_correct", ...) that the loop sums across replicas;
 * `ctx`: a `StepContext` with the loss function (label smoothing lives there,
-  applied the same way for every method), the current attack strength and a
-  per-step seed.
+  applied the same way for every method), the attack, the network's domains,
+  the current attack strength and a per-step seed.
 
-Registered methods: vanilla, advprop (N-domain when the model has more than
-two domains), adversarial (Madry), mixed (clean + adversarial through ONE BN),
-fast_advprop (Mei et al., ICLR 2022). A method marked `@computes_gradients`
-runs its own backward passes (Fast AdvProp reuses the attack's) and returns
-(loss, gradients, metrics) instead; the loop adds weight decay and applies them.
+Each function is registered with its RULES (`@register(name, ...)`): which BN
+domains its network has, whether it attacks, the attack settings its
+definition fixes, its default auxiliary loss weight, how many images a step
+reads and what a step costs against vanilla's, its own config checks.
+Nothing outside this module branches on a method's name: adding a method is
+one function and its registration. A method registered with
+`computes_gradients=True` runs its own backward passes (Fast AdvProp reuses the
+attack's) and returns (loss, gradients, metrics) instead; the loop adds weight
+decay and applies them.
+
+Registered: vanilla, advprop (N-domain when the network has more than two
+domains), adversarial (Madry), mixed (clean + adversarial through ONE BN),
+fast_advprop (Mei et al., ICLR 2022).
 """
 
 from __future__ import annotations
@@ -30,51 +38,12 @@ from typing import Callable
 
 import tensorflow as tf
 
-from advprop_tf.attacks.pgd import epsilon_ball, pgd, random_start, sign_step, steps_for_epsilon
+from advprop_tf.attacks.pgd import AttackConfig, epsilon_ball, pgd, random_start, sign_step
+from advprop_tf.domains import CLEAN_IMAGES, DomainSpec
+from advprop_tf.errors import ConfigError
 
-ATTACK_BN_MODES = ("batch", "inference")
 # Float16 input gradients of a summed cross-entropy are small enough to underflow; PGD only needs their sign.
 FLOAT16_ATTACK_LOSS_SCALE = 1024.0
-
-
-@dataclasses.dataclass(frozen=True)
-class AttackConfig:
-    """PGD settings in pixel units. `attack_bn_mode` is how BN runs during the attack.
-
-    "inference" (default): the attacked domain's running statistics, no
-      update. This is what the authors' adversarial-training code does
-      (facebookresearch/ImageNet-Adversarial-Training: "We use the testing
-      mode of [BN] during attack", with BN updates frozen), what the PyTorch
-      re-implementations do, and it is ~40% cheaper per attack step here
-      (BN's backward is affine; tools/benchmark_methods.py).
-    "batch": batch statistics, NOT written back: the attack sees the same
-      function the training forward pass computes for the adversarial half.
-    """
-
-    epsilon: float = 1.0
-    num_steps: int = 1
-    step_size: float = 1.0
-    targeted: bool = True
-    random_start: bool = False
-    attack_bn_mode: str = "inference"
-    prob_start_from_clean: float = 0.0  # with random_start: batches that start clean (authors: 0.2)
-    # num_steps given explicitly (--attack_steps): kept for every epsilon. Otherwise a scheduled
-    # epsilon or a domain's own (adv2) sets its steps by steps_for_epsilon.
-    fixed_num_steps: bool = False
-
-    def __post_init__(self):
-        if self.epsilon < 0:
-            raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
-        if self.step_size <= 0:
-            raise ValueError(f"step_size must be > 0, got {self.step_size}")
-        if self.num_steps < 0 or (self.num_steps == 0 and self.epsilon > 0):
-            raise ValueError(f"num_steps must be >= 1 when epsilon > 0, got {self.num_steps}")
-        if not 0.0 <= self.prob_start_from_clean <= 1.0:
-            raise ValueError(f"prob_start_from_clean must be in [0, 1], got {self.prob_start_from_clean}")
-        if self.attack_bn_mode not in ATTACK_BN_MODES:
-            raise ValueError(
-                f"attack_bn_mode must be one of {ATTACK_BN_MODES}, got {self.attack_bn_mode!r}"
-            )
 
 
 @dataclasses.dataclass
@@ -84,7 +53,7 @@ class StepContext:
     loss_fn: Callable  # (labels, logits) -> per-example loss
     attack: AttackConfig
     epsilon: object = None  # scheduled epsilon (scalar tensor) overriding attack.epsilon
-    num_steps: object = None  # scheduled steps (scalar tensor) overriding attack.num_steps
+    num_steps: object = None  # scheduled steps (scalar tensor) overriding the attack's
     seed: object = None  # int pair tensor for the attack's randomness, or None
     clean_weight: float = 1.0
     adv_weight: float = 1.0
@@ -94,55 +63,38 @@ class StepContext:
     # Fast AdvProp: the attacked share of each batch and the weight of the attack's own (noisy) pass.
     adv_fraction: float = 0.2
     noisy_weight: float = 0.5
-    # For @computes_gradients methods: the optimizer's loss scaling (float16) before each backward pass.
+    # For methods that compute gradients: the optimizer's loss scaling (float16) before each backward pass.
     scale_loss: Callable = lambda loss: loss
+    domains: DomainSpec | None = None  # the network's domains (None: read from model.domains)
 
 
-def is_adversarial_domain(name: str) -> bool:
-    return name.startswith("adv")
-
-
-def domain_epsilon(name: str):
-    """The epsilon an adversarial domain's name fixes ("adv2" -> 2.0, "adv0.5" -> 0.5), or None ("adv").
-
-    Fine-grained AdvProp as several auxiliary BNs: --aux_domains=adv1,adv2,adv4
-    makes one PGD copy per domain, each with its own epsilon, through its own BN.
-    """
-    suffix = name[len("adv"):]
-    if not suffix:
-        return None
-    try:
-        epsilon = float(suffix)
-    except ValueError:
-        raise ValueError(f"adversarial domain {name!r}: after 'adv' comes an epsilon in pixels, "
-                         "e.g. adv2 or adv0.5") from None
-    if not 0 < epsilon < float("inf"):
-        raise ValueError(f"adversarial domain {name!r}: its epsilon must be a positive number")
-    return epsilon
+def domains_of(model, ctx) -> DomainSpec:
+    return ctx.domains if ctx.domains is not None else DomainSpec.of(model.domains)
 
 
 def clean_view(images):
-    return images["clean"] if isinstance(images, dict) else images
+    return images[CLEAN_IMAGES] if isinstance(images, dict) else images
 
 
 def attack(model, pixels, labels, domain, ctx: StepContext):
     """PGD through `domain`'s BN, in the configured BN mode, without side effects.
 
-    A domain named with its epsilon ("adv2") attacks with it; "adv" uses the
-    configured (or scheduled) epsilon. A float16 network's attack loss is scaled.
+    An adversarial domain with its own epsilon ("adv2") attacks with it (steps
+    by the attack's rule); otherwise the configured or scheduled epsilon. The
+    k-th adversarial domain draws its own targets and start. A float16
+    network's attack loss is scaled.
     """
     cfg = ctx.attack
-    own_epsilon = domain_epsilon(domain) if is_adversarial_domain(domain) else None
+    spec = domains_of(model, ctx)
+    own_epsilon = spec.get(domain).epsilon
     if own_epsilon is not None:
-        epsilon = own_epsilon
-        num_steps = cfg.num_steps if cfg.fixed_num_steps else steps_for_epsilon(own_epsilon)
+        epsilon, num_steps = own_epsilon, cfg.steps_for(own_epsilon)
     else:
         epsilon = cfg.epsilon if ctx.epsilon is None else ctx.epsilon
-        num_steps = cfg.num_steps if ctx.num_steps is None else ctx.num_steps
+        num_steps = cfg.steps if ctx.num_steps is None else ctx.num_steps
     seed = ctx.seed
-    adversarial = [d for d in model.domains if is_adversarial_domain(d)]
-    if seed is not None and domain in adversarial[1:]:  # the k-th adversarial domain: its own targets and start
-        seed = seed + tf.constant([0, 104729], tf.int32) * adversarial.index(domain)
+    if seed is not None and domain in spec.adversarial[1:]:
+        seed = seed + tf.constant([0, 104729], tf.int32) * spec.adversarial.index(domain)
 
     def logits_fn(x):
         return model(x, training=False, domain=domain, bn_mode=cfg.attack_bn_mode)
@@ -164,80 +116,146 @@ def attack(model, pixels, labels, domain, ctx: StepContext):
         )
 
 
-def _loss_and_metrics(prefix, labels, logits, ctx):
+def loss_and_metrics(prefix, labels, logits, ctx):
+    """The per-example loss (ctx.loss_fn: label smoothing included) and the metrics `<prefix>_loss`,
+    `<prefix>_correct` of one part of a batch."""
     loss = ctx.loss_fn(labels, logits)
     correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(labels, tf.int32)), tf.float32)
     return loss, {f"{prefix}_loss": loss, f"{prefix}_correct": correct}
 
 
+# ------------------------------------------------------------------- registry
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A training method with its rules. `config` arguments are the method's config section
+    (config.MethodConfig: aux_domains, attack, adv_fraction, ...)."""
+
+    name: str
+    fn: Callable
+    auxiliary_domains: bool = False  # its network has the configured auxiliary domains (else the main one only)
+    generated_domains: tuple = ()  # more BN domains, for images the method makes itself
+    attacks: bool = True
+    default_adv_weight: float = 1.0  # the weight of each auxiliary domain's loss unless configured
+    forced_attack: tuple = ()  # ((AttackConfig field, value), ...) the method's definition fixes
+    computes_gradients: bool = False
+    check: Callable = lambda config: None  # raises ConfigError for a config the method cannot train
+    images_per_replica: Callable = lambda config, clean: clean  # images a step reads for `clean` clean ones
+    budget_scale: Callable = lambda config, loaded: 1.0  # a step's cost in vanilla steps of `loaded` images
+    describe: Callable = lambda config, clean, replicas: None  # a start-up line, or None
+    # the parts of a batch it reports (<part>_loss, <part>_correct), given its network's domains
+    metric_prefixes: Callable = lambda domains: (CLEAN_IMAGES,) + domains.names[1:]
+
+    def __call__(self, model, images, labels, ctx):
+        return self.fn(model, images, labels, ctx)
+
+    def domains(self, auxiliary) -> DomainSpec:
+        return DomainSpec.with_auxiliary(tuple(auxiliary) if self.auxiliary_domains else (), self.generated_domains)
+
+    def resolve_attack(self, attack: AttackConfig, given=()) -> AttackConfig:
+        """The attack with the method's fixed settings; ConfigError when one of them was `given` otherwise."""
+        for field, value in self.forced_attack:
+            if field in given and getattr(attack, field) != value:
+                raise ConfigError(field, f"{self.name}'s attack is always {field}={value}: it reuses the attack's "
+                                  "gradients, so the attack must be a training pass on the true labels")
+        return dataclasses.replace(attack, **dict(self.forced_attack)) if self.forced_attack else attack
+
+
+METHODS = {}
+DEFAULT_METHOD = "advprop"
+
+
+def register(name: str, **rules):
+    """Register `fn` as the method `name` with its rules (see Method)."""
+    def wrap(fn):
+        METHODS[name] = Method(name, fn, **rules)
+        return fn
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+# -------------------------------------------------------------------- methods
+def _needs_an_adversarial_domain(config):
+    if not config.aux_domains:
+        raise ConfigError("aux_domains", "AdvProp needs at least one auxiliary domain, e.g. adv")
+    if not DomainSpec.with_auxiliary(config.aux_domains).adversarial:
+        raise ConfigError("aux_domains", f"AdvProp needs an adversarial domain (adv, adv<eps>), got "
+                          f"{','.join(config.aux_domains)}")
+
+
+@register("vanilla", attacks=False, metric_prefixes=lambda domains: (CLEAN_IMAGES,))
 def vanilla(model, images, labels, ctx):
     """Clean images through the main BN."""
     logits = model(clean_view(images), training=True, domain=model.main_domain)
-    loss, metrics = _loss_and_metrics("clean", labels, logits, ctx)
+    loss, metrics = loss_and_metrics(CLEAN_IMAGES, labels, logits, ctx)
     return tf.reduce_sum(loss), metrics
 
 
+@register("advprop", auxiliary_domains=True, check=_needs_an_adversarial_domain)
 def advprop(model, images, labels, ctx):
     """AdvProp: each domain's images through its own BN, in ONE forward pass.
 
-    With domains ("clean", "adv") the adversarial copies are made through the
-    auxiliary BN, then [clean; adv] runs once with domain=("clean", "adv").
-    More domains (e.g. ("clean", "autoaugment", "adv")) take their images
-    from the views the input pipeline provides; every domain whose name starts
-    with "adv" is the PGD copy of the clean view made through its own BN.
+    With domains (main, adv) the adversarial copies are made through the
+    auxiliary BN, then [clean; adv] runs once with domain=(main, adv). More
+    domains (main, autoaugment, adv) take an input view's images from the
+    views the input pipeline provides; every adversarial domain is the PGD
+    copy of the clean images made through its own BN.
     """
     clean = clean_view(images)
+    spec = domains_of(model, ctx)
     batches = []
-    for domain in model.domains:
-        if domain == model.main_domain:
+    for domain in spec.domains:
+        if domain.kind == "main":
             batches.append(clean)
-        elif is_adversarial_domain(domain):
-            batches.append(attack(model, clean, labels, domain, ctx))
+        elif domain.adversarial:
+            batches.append(attack(model, clean, labels, domain.name, ctx))
         else:
-            if not isinstance(images, dict) or domain not in images:
+            if not isinstance(images, dict) or domain.name not in images:
                 raise ValueError(
-                    f"domain {domain!r} needs the input view {domain!r}; "
-                    f"the input pipeline provides {sorted(images) if isinstance(images, dict) else ['clean']}"
+                    f"domain {domain.name!r} needs the input view {domain.name!r}; "
+                    f"the input pipeline provides {sorted(images) if isinstance(images, dict) else [CLEAN_IMAGES]}"
                 )
-            batches.append(images[domain])
-    logits = model(tf.concat(batches, axis=0), training=True, domain=model.domains)
+            batches.append(images[domain.name])
+    logits = model(tf.concat(batches, axis=0), training=True, domain=spec.names)
     total = 0.0
     metrics = {}
-    for domain, domain_logits in zip(model.domains, tf.split(logits, len(model.domains))):
-        prefix = "clean" if domain == model.main_domain else domain
-        loss, m = _loss_and_metrics(prefix, labels, domain_logits, ctx)
-        weight = ctx.clean_weight if domain == model.main_domain else ctx.adv_weight
-        total += weight * tf.reduce_sum(loss)
+    for domain, domain_logits in zip(spec.names, tf.split(logits, len(spec.names))):
+        main = domain == spec.main
+        loss, m = loss_and_metrics(CLEAN_IMAGES if main else domain, labels, domain_logits, ctx)
+        total += (ctx.clean_weight if main else ctx.adv_weight) * tf.reduce_sum(loss)
         metrics.update(m)
     return total, metrics
 
 
+@register("adversarial", metric_prefixes=lambda domains: ("adv",))
 def adversarial(model, images, labels, ctx):
     """Madry adversarial training: adversarial examples only, main BN."""
     adv = attack(model, clean_view(images), labels, model.main_domain, ctx)
     logits = model(adv, training=True, domain=model.main_domain)
-    loss, metrics = _loss_and_metrics("adv", labels, logits, ctx)
+    loss, metrics = loss_and_metrics("adv", labels, logits, ctx)
     return tf.reduce_sum(loss), metrics
 
 
+@register("mixed", metric_prefixes=lambda domains: (CLEAN_IMAGES, "adv"))
 def mixed(model, images, labels, ctx):
     """Clean + adversarial through the SAME (main) BN: the paper's Eq. 3 baseline."""
     clean = clean_view(images)
     adv = attack(model, clean, labels, model.main_domain, ctx)
     logits = model(tf.concat([clean, adv], axis=0), training=True, domain=model.main_domain)
     clean_logits, adv_logits = tf.split(logits, 2)
-    clean_loss, metrics = _loss_and_metrics("clean", labels, clean_logits, ctx)
-    adv_loss, adv_metrics = _loss_and_metrics("adv", labels, adv_logits, ctx)
+    clean_loss, metrics = loss_and_metrics(CLEAN_IMAGES, labels, clean_logits, ctx)
+    adv_loss, adv_metrics = loss_and_metrics("adv", labels, adv_logits, ctx)
     metrics.update(adv_metrics)
     total = ctx.clean_weight * tf.reduce_sum(clean_loss) + ctx.adv_weight * tf.reduce_sum(adv_loss)
     return total, metrics
 
 
-def computes_gradients(method):
-    """Mark a method that does its own backward passes: it returns (loss, gradients, metrics),
-    `gradients` aligned with `model.trainable_variables` and already normalized."""
-    method.computes_gradients = True
-    return method
+# -------------------------------------------------------------- Fast AdvProp
+FAST_ADVPROP_ATTACK = (("targeted", False), ("random_start", True), ("attack_bn_mode", "batch"))
 
 
 def attacked_count(batch_size: int, adv_fraction: float) -> int:
@@ -264,11 +282,57 @@ def fast_advprop_budget_scale(attacked_fraction: float, attack_steps: int) -> fl
     return attacked_fraction * attack_steps + 1.0
 
 
-@computes_gradients
+def _fast_advprop_check(config):
+    if not 0 < config.adv_fraction < 1:
+        raise ConfigError("adv_fraction", f"must be in (0, 1), got {config.adv_fraction:g}")
+    spec = DomainSpec.with_auxiliary(config.aux_domains)
+    if len(spec.adversarial) != 1 or spec.views or spec.get(spec.adversarial[0]).epsilon is not None:
+        raise ConfigError("aux_domains", "fast_advprop has one auxiliary BN, 'adv' (its epsilon is --epsilon), "
+                          f"got {','.join(config.aux_domains)}")
+    if config.attack.epsilon <= 0:
+        raise ConfigError("epsilon", f"fast_advprop attacks: must be > 0, got {config.attack.epsilon:g}")
+    if config.epsilon_schedule:
+        raise ConfigError("epsilon_schedule", "is not supported by fast_advprop (its attack steps are fixed)")
+
+
+def _fast_advprop_budget(config, loaded):
+    if not config.match_vanilla_budget:
+        return 1.0
+    return fast_advprop_budget_scale(attacked_count(loaded, config.adv_fraction) / loaded, config.attack.steps)
+
+
+def _fast_advprop_describe(config, clean, replicas):
+    loaded = loaded_batch_size(clean, config.adv_fraction)
+    return (f"fast_advprop: each replica reads {loaded} images, its {clean} clean ones and "
+            f"{attacked_count(loaded, config.adv_fraction)} attacked on top (adv_fraction={config.adv_fraction:g} "
+            f"of those read), on {replicas} replicas; every epoch count divided by "
+            f"{_fast_advprop_budget(config, loaded):.4f} (attacked fraction x attack steps + 1; match_vanilla_budget)")
+
+
+def _split_attacked_share(model, images, labels, ctx):
+    """((main, auxiliary domain), (clean images, labels), (float32 images to attack, labels)) of a batch."""
+    pixels = clean_view(images)
+    batch = pixels.shape[0]
+    if batch is None:
+        raise ValueError("fast_advprop needs a static per-replica batch size (batch with drop_remainder)")
+    spec = domains_of(model, ctx)
+    if len(spec.names) != 2 or spec.adversarial != spec.names[1:]:
+        raise ValueError(f"fast_advprop needs domains (main, adversarial), got {spec.names}")
+    num_clean = batch - attacked_count(batch, ctx.adv_fraction)
+    return (spec.names, (pixels[:num_clean], labels[:num_clean]),
+            (tf.cast(pixels[num_clean:], tf.float32), labels[num_clean:]))
+
+
+@register("fast_advprop", auxiliary_domains=True, default_adv_weight=0.5, forced_attack=FAST_ADVPROP_ATTACK,
+          computes_gradients=True, check=_fast_advprop_check,
+          images_per_replica=lambda config, clean: loaded_batch_size(clean, config.adv_fraction),
+          budget_scale=_fast_advprop_budget, describe=_fast_advprop_describe,
+          metric_prefixes=lambda domains: (CLEAN_IMAGES, "noisy", "adv"))
 def fast_advprop(model, images, labels, ctx):
     """Fast AdvProp (Mei et al., ICLR 2022; meijieru/fast_advprop): AdvProp at about vanilla's cost.
 
-    The last round(p_adv x B) images of the batch are attacked, the rest are
+    The last images of the batch are attacked (attacked_count: the share
+    p_adv; a training run reads them ON TOP of its clean batch), the rest are
     clean; each batch has ONE backward pass. The attacked images at a random
     start go through the auxiliary BN (batch statistics, not written back):
     that one backward pass gives the attack's input gradient AND parameter
@@ -286,19 +350,11 @@ def fast_advprop(model, images, labels, ctx):
     it (shared: all; main BN: clean; auxiliary BN: noisy + adversarial), so
     the three groups learn at the same speed.
     """
+    (main, aux), (clean, clean_labels), (attacked, adv_labels) = _split_attacked_share(model, images, labels, ctx)
     pixels = clean_view(images)
-    batch = pixels.shape[0]
-    if batch is None:
-        raise ValueError("fast_advprop needs a static per-replica batch size (batch with drop_remainder)")
-    if len(model.domains) != 2 or not is_adversarial_domain(model.domains[1]):
-        raise ValueError(f"fast_advprop needs domains (main, adv), got {model.domains}")
-    main, aux = model.domains
-    num_adv = attacked_count(batch, ctx.adv_fraction)
-    num_clean = batch - num_adv
-    clean, attacked = pixels[:num_clean], tf.cast(pixels[num_clean:], tf.float32)
-    clean_labels, adv_labels = labels[:num_clean], labels[num_clean:]
+    num_clean, num_adv = clean.shape[0], attacked.shape[0]
     cfg = ctx.attack
-    epsilon, num_steps = cfg.epsilon, cfg.num_steps
+    epsilon, num_steps = cfg.epsilon, cfg.steps
     lower, upper = epsilon_ball(attacked, epsilon)
     x = random_start(attacked, epsilon, ctx.seed, cfg.prob_start_from_clean)
     variables = model.trainable_variables
@@ -317,7 +373,7 @@ def fast_advprop(model, images, labels, ctx):
             tape.watch(watched)
             objective = 0.0
             for prefix, weight, term_labels, logits in weighted_terms(None if x is None else tf.cast(x, pixels.dtype)):
-                loss, term_metrics = _loss_and_metrics(prefix, term_labels, logits, ctx)
+                loss, term_metrics = loss_and_metrics(prefix, term_labels, logits, ctx)
                 term_metrics[f"{prefix}_examples"] = tf.ones_like(loss)
                 metrics.update(term_metrics)
                 objective += weight * tf.reduce_sum(loss)
@@ -327,7 +383,7 @@ def fast_advprop(model, images, labels, ctx):
         return objective, grads[:len(variables)], grads[-1] if watched else None
 
     def clean_terms(_):
-        return [("clean", ctx.clean_weight, clean_labels, model(clean, training=True, domain=main))]
+        return [(CLEAN_IMAGES, ctx.clean_weight, clean_labels, model(clean, training=True, domain=main))]
 
     def noisy_terms(x):
         return [("noisy", ctx.noisy_weight, adv_labels, model(x, training=True, domain=aux, bn_mode="batch"))]
@@ -361,19 +417,6 @@ def _rescale_domain_gradients(model, variables, grads, shared_count, group_count
     return [g if g is None or id(v) not in domain_of else g * factors[domain_of[id(v)]]
             for g, v in zip(grads, variables)]
 
-
-METHODS = {
-    "vanilla": vanilla,
-    "advprop": advprop,
-    "adversarial": adversarial,
-    "mixed": mixed,
-    "fast_advprop": fast_advprop,
-}
-
-def get_method(name: str):
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
-    return METHODS[name]
 
 
 def parse_epsilon_schedule(text: str):

@@ -1,7 +1,7 @@
-"""The inference network and its SavedModel: what `python -m advprop_tf.export` and the trainer write.
+"""The inference network and its SavedModel: what `python -m advprop_tf.export` and the train command write.
 
 `export()` builds a NEW, plain inference network with ONE BN set, copies into
-it the weights of the chosen domain (main "clean" by default; "adv" gives the
+it the weights of the chosen domain (the main one by default; "adv" gives the
 adversarially-normalized, robust variant) from the EMA averages, and writes a
 float32 SavedModel under export_dir/<version>/, the layout TF Serving watches,
 whatever precision the training used.
@@ -16,42 +16,31 @@ normalization, resolution, training method, domain, step).
 
 from __future__ import annotations
 
-import contextlib
 import json
-from typing import NamedTuple
 
-import keras
 import tensorflow as tf
 
 from advprop_tf.data.preprocessing import is_decodable_image, preprocess_eval
-from advprop_tf.models.base import MultiDomainNetwork, WeightsByPath
+from advprop_tf.domains import MAIN
+from advprop_tf.errors import ConfigError
+from advprop_tf.models.base import MultiDomainNetwork
 from advprop_tf.models.registry import model_from_config
 from advprop_tf.models.transfer import copy_weights
 from advprop_tf.paths import join
-from advprop_tf.training.run_dir import RunDir, RunDirError, checkpoint_reader, publish_directory
+from advprop_tf.training.run_dir import RunDir, publish_directory
+from advprop_tf.training.trained import float32_policy, load_trained
 
 
-class ExportError(ValueError):
-    """A request that cannot be exported; nothing was written. The message starts with the flag."""
-
-
-@contextlib.contextmanager
-def float32_policy():
-    """Build layers in float32 whatever the training's mixed-precision policy."""
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("float32")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
+class ExportError(ConfigError):
+    """A request that cannot be exported; nothing was written. `field` names the setting."""
 
 
 def inference_network(trained: MultiDomainNetwork, domain: str) -> MultiDomainNetwork:
     """A float32, one-BN-set copy of `trained` whose BNs hold `domain`'s statistics and affine weights."""
     if domain not in trained.domains:
-        raise ExportError(f"--domain: unknown domain {domain!r}; the model has {trained.domains}")
+        raise ExportError("domain", f"unknown domain {domain!r}; the model has {', '.join(trained.domains)}")
     with float32_policy():
-        network = model_from_config(dict(trained.get_config(), domains=["clean"]))
+        network = model_from_config(dict(trained.get_config(), domains=[MAIN]))
     copy_weights(trained, network, domain_of=lambda _: domain)
     return network
 
@@ -84,7 +73,7 @@ class ServingModule(tf.Module):
         for function in (self.serving_default, self.predict_pixels):
             for variable in function.get_concrete_function().variables:
                 if id(variable) not in by_id:
-                    raise ExportError(f"--model_dir: the inference network uses a variable outside its own: "
+                    raise ExportError("model_dir", f"the inference network uses a variable outside its own: "
                                       f"{variable.name}")
                 captured[by_id[id(variable)]] = variable
         self.variables_by_path = dict(sorted(captured.items()))
@@ -169,72 +158,26 @@ def next_version(export_dir):
     return max(versions, default=0) + 1
 
 
-class Trained(NamedTuple):
-    model: MultiDomainNetwork
-    run: dict  # run_config.json
-    step: int
-    ema: bool  # whether the EMA averages were applied
-
-
-def load_trained(model_dir, use_ema=None, domain=None) -> Trained:
-    """The training model (all domains) of `model_dir`'s newest checkpoint, EMA values applied.
-
-    use_ema: True, False, or None for "the EMA when the run kept one" (the
-    authors' ResNet recipe has none). Raises ExportError naming the flag on a
-    bad directory, a missing checkpoint or EMA, or an unknown `domain`.
-    """
-    from advprop_tf.training.ema import ExponentialMovingAverage
-
-    try:
-        run_dir = RunDir(model_dir)
-        run = run_dir.read_run_config()
-    except RunDirError as e:
-        raise ExportError(str(e)) from None
-    if not run_dir.checkpoints_newest_first():
-        raise ExportError(f"--model_dir: no checkpoint in {run_dir.chief_checkpoint_dir!r}")
-    try:
-        with float32_policy():
-            trained = model_from_config(run["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ExportError(f"--model_dir: {run_dir.file('run_config.json')!r} does not describe a model ({e!r})") from None
-    if domain is not None and domain not in trained.domains:
-        raise ExportError(f"--domain: unknown domain {domain!r}; the model has {tuple(trained.domains)}")
-    found = {}
-
-    def read(prefix):
-        found.pop("ema", None)
-        tracked = {"model": trained, "model_weights": WeightsByPath(trained)}
-        if any(name.startswith("ema/") for name in checkpoint_reader(prefix).get_variable_to_shape_map()):
-            tracked["ema"] = found["ema"] = ExponentialMovingAverage(trained)
-        tf.train.Checkpoint(**tracked).read(prefix).expect_partial().assert_existing_objects_matched()
-
-    try:
-        latest = run_dir.restore_newest(read)
-    except RunDirError as e:
-        raise ExportError(str(e)) from None
-    if use_ema is None:
-        use_ema = "ema" in found
-    if use_ema:
-        if "ema" not in found:
-            raise ExportError("--use_ema: the checkpoint holds no EMA (trained with --ema_decay=0); pass --use_ema=false")
-        found["ema"].copy_to(trained)
-    return Trained(trained, run, int(latest.rsplit("-", 1)[1]), bool(use_ema))
-
-
-def export(model_dir, export_dir, domain="clean", use_ema=None, version=None):
-    """Write the SavedModel; returns its directory. Raises ExportError, writing nothing, on bad requests."""
+def export(model_dir, export_dir, domain=MAIN, use_ema=None, version=None):
+    """Write the SavedModel of a training directory's newest checkpoint; returns its directory. Raises
+    ExportError (or another ConfigError naming the setting), writing nothing, on bad requests."""
     trained, run, step, use_ema = load_trained(model_dir, use_ema, domain)
+    return export_network(trained, export_dir, domain, version, class_names=run.get("class_names"),
+                          metadata={"method": run.get("method"), "ema": bool(use_ema), "step": step,
+                                    "dataset": run.get("dataset")})
+
+
+def export_network(trained, export_dir, domain=MAIN, version=None, class_names=None, metadata=None):
+    """Write the SavedModel of a multi-domain network in memory (e.g. trained with AdvPropModel.fit): its
+    `domain`'s inference network under export_dir/<version>; returns that directory."""
     version = next_version(export_dir) if version is None else int(version)
     target = join(export_dir, str(version))
     if tf.io.gfile.exists(target):
-        raise ExportError(f"--version: {target!r} already exists; not overwriting it")
+        raise ExportError("version", f"{target!r} already exists; not overwriting it")
     network = inference_network(trained, domain)
-    metadata = {
-        "model": trained.model_name, "input_normalization": trained.input_normalization,
-        "resolution": trained.resolution, "num_classes": trained.num_classes,
-        "method": run.get("method"), "domain": domain, "ema": bool(use_ema), "step": step,
-        "dataset": run.get("dataset"),
-    }
+    metadata = {"model": trained.model_name, "input_normalization": trained.input_normalization,
+                "resolution": trained.resolution, "num_classes": trained.num_classes, "domain": domain,
+                **(metadata or {})}
     staging = RunDir.staging_dir(export_dir, version)
     if tf.io.gfile.exists(staging):  # left by an export that was interrupted
         tf.io.gfile.rmtree(staging)
@@ -242,10 +185,10 @@ def export(model_dir, export_dir, domain="clean", use_ema=None, version=None):
     assets = {"metadata": join(staging, "metadata.json")}
     with tf.io.gfile.GFile(assets["metadata"], "w") as f:
         json.dump(metadata, f, indent=2)
-    if run.get("class_names"):
+    if class_names:
         assets["labels"] = join(staging, "labels.txt")
         with tf.io.gfile.GFile(assets["labels"], "w") as f:
-            f.write("\n".join(run["class_names"]) + "\n")
+            f.write("\n".join(class_names) + "\n")
     module = ServingModule(network, assets)
     saved = join(staging, "saved_model")
     tf.saved_model.save(module, saved, signatures={

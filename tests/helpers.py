@@ -30,7 +30,8 @@ def synthetic_batches(batch_size=32, size=32, num_classes=10, split="train", num
 
 def train_tiny(method_name="advprop", steps=100, batch_size=32, lr=0.016, attack=None, model=None, optimizer="rmsprop", **step_kwargs):
     """Train a tiny model with the real TrainStep on the synthetic set; returns (model, train_step)."""
-    from advprop_tf.methods import AttackConfig, get_method
+    from advprop_tf.attacks.pgd import AttackConfig
+    from advprop_tf.methods import get_method
     from advprop_tf.training.optimization import make_optimizer, make_schedule
     from advprop_tf.training.step import StepConfig, TrainStep
 

@@ -14,9 +14,11 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from advprop_tf import config as train_config
+from advprop_tf import train_flags
+from advprop_tf.errors import ConfigError
 from advprop_tf import evaluate as evaluate_cli
 from advprop_tf.data.tfrecord_writer import write_tfrecords
+from advprop_tf.train import train_and_export
 from advprop_tf.training.loop import run_training
 from advprop_tf.training.run_dir import RunDir
 from tests.test_training import tiny_config
@@ -48,20 +50,20 @@ def test_train_resume_evaluate_export_on_ram_filesystem():
     # The flag validation accepts locations it can only see through gfile.
     def validate(*args):
         fv = flags.FlagValues()
-        train_config.define_train_flags(fv)
+        train_flags.define_train_flags(fv)
         fv(["train", f"--model_dir={model_dir}", *args])
-        train_config.validate_train_flags(fv)
+        train_flags.config_from_flags(fv)
 
     validate(f"--dataset=folder:{images}")
     validate("--dataset=tfrecord", f"--data_dir={shards}")
-    with pytest.raises(train_config.FlagError, match=f"--dataset: '{root}/nothing' does not exist"):
+    with pytest.raises(ConfigError, match=f"^dataset: '{root}/nothing' does not exist"):
         validate(f"--dataset=folder:{root}/nothing")
 
     overrides = dict(dataset=f"folder:{images}", holdout_fraction=0.25, train_batch_size=6,
                      eval_batch_size=8, checkpoint_every_steps=2, keep_checkpoints=5)
     first = run_training(tiny_config(model_dir, train_steps=2, steps_per_loop=2, export=False, **overrides))
     assert first.train_step.current_step == 2
-    resumed = run_training(tiny_config(model_dir, train_steps=4, steps_per_loop=2, **overrides))
+    resumed, _ = train_and_export(tiny_config(model_dir, train_steps=4, steps_per_loop=2, **overrides))
     assert resumed.train_step.current_step == 4
 
     run = RunDir(model_dir)

@@ -82,3 +82,38 @@ def test_seeds_and_an_equal_time_budget(tmp_path):
     assert "same training budget of 0.15 s" in table and "Seeds 0, 1: mean ± sample std." in table
     row = next(line for line in table.splitlines() if line.startswith("| advprop |"))
     assert row.count(" ± ") == 3 and f"| {summary['advprop']['train_steps']} |" in row
+
+
+def test_runs_through_several_bns_and_a_sweep_of_variants(tmp_path):
+    """--eval_domains evaluates one run through each BN it has (one row each); --variant trains the methods
+    once per network variant into its own directory and plots accuracy against the variants."""
+    overrides = ["--train_steps=3", "--steps_per_loop=3", "--synthetic_examples=64", "--width_coefficient=0.25",
+                 "--resolution=32", "--train_batch_size=8", "--eval_batch_size=32", "--export=false",
+                 "--optimizer=sgd", "--base_learning_rate=0.5"]
+    cmd = [sys.executable, "tools/compare_methods.py", "--config=configs/demo.flags",
+           *[f"--override={o}" for o in overrides], f"--output_dir={tmp_path}", "--corruptions=",
+           "--eval_max_batches=1", "--eval_batch_size=16", "--methods=advprop", "--eval_domains=clean,adv,adv2",
+           "--variant=shallow:--depth_coefficient=0.25", "--variant=deep:--depth_coefficient=0.5"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.load(open(tmp_path / "comparison.json"))
+    labels = [row["label"] for row in summary["rows"]]
+    # through each asked BN the run has (it has no adv2)
+    assert labels == ["shallow: advprop, clean BN", "shallow: advprop, adv BN",
+                      "deep: advprop, clean BN", "deep: advprop, adv BN"]
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| deep: advprop, adv BN |" in table
+    for row in summary["rows"]:
+        assert row["evaluation"]["classifier"]["domain"] == row["domain"]
+        assert row["model_dir"] == str(tmp_path / row["variant"] / row["method"])
+        config = json.load(open(os.path.join(row["model_dir"], "run_config.json")))
+        assert config["model"]["depth_coefficient"] == {"shallow": 0.25, "deep": 0.5}[row["variant"]]
+    assert {"evaluation_adv.json", "evaluation_clean.json"} <= set(os.listdir(tmp_path / "deep" / "advprop"))
+    assert (tmp_path / "variant.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_malformed_variant_is_named(tmp_path):
+    result = subprocess.run([sys.executable, "tools/compare_methods.py", f"--output_dir={tmp_path}",
+                             "--variant=--depth_coefficient=0.5"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "compare_methods: error: --variant: '--depth_coefficient=0.5' is not 'label:--flag=value" in result.stderr

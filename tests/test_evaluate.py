@@ -13,7 +13,6 @@ from absl import flags
 from advprop_tf import evaluate as evaluate_cli
 from advprop_tf.data.corruptions import CORRUPTIONS, corrupt
 from advprop_tf.evaluation import (
-    AttackSpec,
     Classifier,
     EvaluationError,
     corruption_errors,
@@ -22,6 +21,7 @@ from advprop_tf.evaluation import (
     subset_label_map,
     topk_counts,
 )
+from advprop_tf.attacks.pgd import AttackConfig
 from advprop_tf.serving import export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +59,7 @@ def test_evaluate_known_accuracy_and_pgd_at_epsilon_zero():
     means[2], means[5], means[9] = CENTERS[3] + 3, CENTERS[7] + 3, CENTERS[1] + 3
     classifier = brightness_classifier()
     results = evaluate(classifier, constant_images(means, labels),
-                       attack=AttackSpec(epsilon=0.0, num_steps=1, step_size=1.0, targeted=False))
+                       attack=AttackConfig(epsilon=0.0, num_steps=1, step_size=1.0, targeted=False))
     assert results["examples"] == 10
     assert results["clean"]["top_1"] == pytest.approx(0.7)
     assert results["clean"]["top_5"] == pytest.approx(0.9)  # only the 8 shown as a 1 is outside the top 5
@@ -72,12 +72,12 @@ def test_pgd_evaluation_attacks_the_evaluated_network():
     classifier = brightness_classifier()
     clean = evaluate(classifier, constant_images(means, labels))["clean"]["top_1"]
     attacked = evaluate(classifier, constant_images(means, labels),
-                        attack=AttackSpec(epsilon=30.0, num_steps=3, step_size=10.0, targeted=False))
+                        attack=AttackConfig(epsilon=30.0, num_steps=3, step_size=10.0, targeted=False))
     assert clean == 1.0
     assert attacked["pgd"]["accuracy"] <= 0.2
     assert attacked["pgd"]["error_rate"] == pytest.approx(1 - attacked["pgd"]["accuracy"])
     targeted = evaluate(classifier, constant_images(means, labels), seed=3,
-                        attack=AttackSpec(epsilon=255.0, num_steps=60, step_size=5.0, targeted=True))
+                        attack=AttackConfig(epsilon=255.0, num_steps=60, step_size=5.0, targeted=True))
     # With an unbounded budget every target is reachable: the attack lands on it.
     assert targeted["pgd"]["target_success_rate"] == pytest.approx(1.0)
     assert targeted["pgd"]["accuracy"] == 0.0

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from advprop_tf.attacks.pgd import epsilon_ball, random_start, sign_step
+from advprop_tf.attacks.pgd import AttackConfig, epsilon_ball, random_start, sign_step
 from advprop_tf.methods import (
-    AttackConfig,
     StepContext,
     attacked_count,
     fast_advprop_budget_scale,
@@ -228,7 +227,7 @@ def test_several_attack_steps_each_add_their_gradients_and_the_budget_follows():
 
 
 def test_the_epochs_and_the_schedule_are_divided_by_the_budget_scale():
-    from advprop_tf.config import make_config
+    from advprop_tf.train_flags import make_config
     from advprop_tf.training import builders
 
     class Source:
@@ -259,7 +258,7 @@ def test_the_epochs_and_the_schedule_are_divided_by_the_budget_scale():
 def test_the_attacked_images_come_on_top_of_the_clean_batch_as_in_the_authors_loader():
     """Their --train-batch 256 with 4:1 reads 256 clean + 64 attacked images; the budget follows the fraction
     actually attacked."""
-    from advprop_tf.config import make_config
+    from advprop_tf.train_flags import make_config
     from advprop_tf.methods import loaded_batch_size
     from advprop_tf.training import builders
 
@@ -276,8 +275,8 @@ def test_the_attacked_images_come_on_top_of_the_clean_batch_as_in_the_authors_lo
 
 
 def test_fast_advprop_trains_under_mirrored_strategy_with_ema_checkpoint_and_main_bn_export(tmp_path):
-    from advprop_tf.config import make_config
-    from advprop_tf.training.loop import run_training
+    from advprop_tf.train import train_and_export
+    from advprop_tf.train_flags import make_config
     from tests.helpers import two_cpu_strategy
 
     cfg = make_config(
@@ -285,13 +284,13 @@ def test_fast_advprop_trains_under_mirrored_strategy_with_ema_checkpoint_and_mai
         width_coefficient=0.25, depth_coefficient=0.25, resolution=32, train_batch_size=20, eval_batch_size=32,
         train_steps=4, steps_per_loop=2, optimizer="sgd", lr_schedule="constant", base_learning_rate=0.2,
         warmup_epochs=0.0, seed=0, ema_decay=0.5, checkpoint_every_steps=2, **NO_DROPOUT)
-    trainer = run_training(cfg, two_cpu_strategy())
+    trainer, export_path = train_and_export(cfg, two_cpu_strategy())
     assert trainer.train_step.current_step == 4 and trainer.results["examples"] == trainer.source.num_examples("validation")
     stats = {v.path: v.numpy() for v in trainer.model.weights}
     assert not np.allclose(stats["efficientnet_b0/stem_bn/adv_moving_mean"], 0.0)  # the adversarial pass wrote it
-    names = [name for name, _ in tf.train.list_variables(trainer.export_path + "/variables/variables")]
+    names = [name for name, _ in tf.train.list_variables(export_path + "/variables/variables")]
     assert any("Sclean_gamma/" in n for n in names) and not any("Sadv_" in n for n in names)
-    exported = tf.saved_model.load(trainer.export_path)
+    exported = tf.saved_model.load(export_path)
     x, _ = batch(4)
     trainer.ema.swap()
     want = trainer.model(x, training=False).numpy()

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from advprop_tf.attacks.pgd import AttackConfig
+from advprop_tf.errors import ConfigError
 from advprop_tf.methods import (
-    AttackConfig,
     StepContext,
     attack,
     get_method,
@@ -147,12 +148,15 @@ def test_unknown_method_lists_valid_ones():
 
 
 def test_attack_config_validation():
-    with pytest.raises(ValueError, match="epsilon must be >= 0, got -1"):
+    with pytest.raises(ConfigError, match="^epsilon: must be >= 0, got -1"):
         AttackConfig(epsilon=-1)
-    with pytest.raises(ValueError, match="attack_bn_mode"):
+    with pytest.raises(ConfigError, match="^attack_bn_mode: "):
         AttackConfig(attack_bn_mode="train")
-    with pytest.raises(ValueError, match="num_steps must be >= 1"):
+    with pytest.raises(ConfigError, match="^num_steps: must be >= 1"):
         AttackConfig(epsilon=2, num_steps=0)
+    # one step rule: the paper's n = eps + 1 (1 for eps <= 1) unless num_steps is given, then kept for every eps
+    assert [AttackConfig(epsilon=e).steps for e in (0.5, 1, 2, 4)] == [1, 1, 3, 5]
+    assert AttackConfig(epsilon=4, num_steps=2).steps_for(1.0) == 2
 
 
 def test_advprop_learns_the_synthetic_set():
@@ -223,7 +227,7 @@ def test_fine_grained_advprop_as_several_bns_each_with_its_own_epsilon(monkeypat
     real_pgd = methods.pgd
     monkeypatch.setattr(methods, "pgd", lambda *a, **k: calls.append(k) or real_pgd(*a, **k))
     recorder = RecordingModel(model)
-    total, metrics = get_method("advprop")(recorder, x, y, context(epsilon=1, num_steps=1, step_size=1))
+    total, metrics = get_method("advprop")(recorder, x, y, context(epsilon=1, num_steps=None, step_size=1))
     assert [(k["epsilon"], k["num_steps"]) for k in calls] == [(1.0, 1), (2.0, 3), (4.0, 5)]
     attack_domains = {k["domain"] for _, k in recorder.calls if not k.get("training")}
     assert attack_domains == {"adv1", "adv2", "adv4"}

@@ -41,6 +41,20 @@ def free_ports(n):
     return ports
 
 
+_LAUNCHED = []
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_outlives_the_test():
+    """A failed assertion must not leave workers training "forever" on the machine."""
+    yield
+    for proc in _LAUNCHED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _LAUNCHED.clear()
+
+
 def launch(model_dir, hosts, extra, logs):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("TF_CONFIG", None)
@@ -52,6 +66,7 @@ def launch(model_dir, hosts, extra, logs):
              f"--task_index={index}", *TINY, *extra],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
         procs[-1].log_path = log.name
+    _LAUNCHED.extend(procs)
     return procs
 
 
@@ -83,13 +98,13 @@ def test_two_workers_preempt_resume_evaluate_export(tmp_path):
 
     # -- phase 1: train "forever"; SIGTERM the non-chief once a checkpoint exists
     procs = launch(model_dir, hosts, ["--train_steps=100000", "--export=false"], logs)
-    deadline = time.time() + 300
+    deadline = time.time() + 600  # generous: the suite runs two test files at a time on two cores
     while not RunDir(str(model_dir)).latest_checkpoint():
         assert time.time() < deadline and all(p.poll() is None for p in procs), \
             "\n".join(open(p.log_path).read()[-2000:] for p in procs)
         time.sleep(0.5)
     procs[1].send_signal(signal.SIGTERM)
-    outputs = finish(procs, 240)
+    outputs = finish(procs, 400)
     assert [p.returncode for p in procs] == [0, 0], outputs
     saved = [fingerprint(o, r"SIGTERM: saved (\S+) at step (\d+); exiting \(weights fingerprint (\w+)\)")
              for o in outputs]
@@ -103,7 +118,7 @@ def test_two_workers_preempt_resume_evaluate_export(tmp_path):
     # -- phase 2: restart both; they resume at the exact step, finish, evaluate, export
     # with XLA: under MultiWorkerMirroredStrategy each worker compiles its replica's compute part
     procs = launch(model_dir, hosts, [f"--train_steps={stopped_at + 3}", "--jit_compile"], logs)
-    outputs = finish(procs, 300)
+    outputs = finish(procs, 600)
     assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
     for output in outputs:
         assert re.search(rf"resumed from \S+ at step {stopped_at}\b", output), output[-3000:]

@@ -143,13 +143,14 @@ def test_step_schedule_follows_the_authors_recipe():
 
 @pytest.mark.parametrize("depth", [50, 101, 152, 200])
 def test_configs_carry_the_authors_recipe(depth, tmp_path):
-    from advprop_tf.config import define_train_flags, validate_train_flags
+    from advprop_tf.train_flags import config_from_flags, define_train_flags
 
     fv = flags.FlagValues()
     define_train_flags(fv)
     fv(["train", f"--flagfile={REPO}/configs/resnet{depth}.flags", f"--data_dir={tmp_path}",
         f"--model_dir={tmp_path}/run"])
-    validate_train_flags(fv)
+    config = config_from_flags(fv)
+    assert config.method.domains.names == ("clean", "adv") and config.method.attack.steps == 1
     assert fv.model == f"resnet-{depth}" and fv.input_normalization == "imagenet"
     assert (fv.optimizer, fv.lr_schedule, fv.lr_decay_boundaries, fv.lr_decay_rate) == ("sgd", "step", ["35", "70", "95"], 0.1)
     assert (fv.base_learning_rate, fv.warmup_epochs, fv.train_epochs) == (0.1, 5, 110)
@@ -160,8 +161,8 @@ def test_configs_carry_the_authors_recipe(depth, tmp_path):
 
 def test_advprop_resnet_trains_evaluates_the_adv_bn_and_exports_one_bn_set(tmp_path):
     from advprop_tf import evaluation
-    from advprop_tf.config import make_config
-    from advprop_tf.training.loop import run_training
+    from advprop_tf.train import train_and_export
+    from advprop_tf.train_flags import make_config
 
     cfg = make_config(
         model_dir=str(tmp_path), model="resnet-50", width_coefficient=0.125, depth_coefficient=0.34,
@@ -170,18 +171,18 @@ def test_advprop_resnet_trains_evaluates_the_adv_bn_and_exports_one_bn_set(tmp_p
         lr_decay_rate=0.1, base_learning_rate=0.1, warmup_epochs=0.0, ema_decay=0.0, seed=3,
         shuffle_buffer=16, checkpoint_every_steps=4, random_start=True, epsilon=1.0,
     )
-    trainer = run_training(cfg)
+    trainer, export_path = train_and_export(cfg)
     assert trainer.model.model_name == "resnet-50" and trainer.model.input_normalization == "imagenet"
     assert trainer.results["step"] == 4
-    saved = tf.saved_model.load(trainer.export_path)
-    names = [name for name, _ in tf.train.list_variables(trainer.export_path + "/variables/variables")]
+    saved = tf.saved_model.load(export_path)
+    names = [name for name, _ in tf.train.list_variables(export_path + "/variables/variables")]
     saved_values = [n for n in names if "/.ATTRIBUTES/VARIABLE_VALUE" in n and "seed_generator" not in n]
     assert len(saved_values) == len(inference_network(trainer.model, "clean").weights) < len(trainer.model.weights)
     pixels = np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     clean = evaluation.classifier_from_model_dir(str(tmp_path), "clean")  # no EMA kept: raw weights
     robust = evaluation.classifier_from_model_dir(str(tmp_path), "adv")
     assert clean.description["ema"] is False
-    from advprop_tf.serving import load_trained
+    from advprop_tf.training.trained import load_trained
 
     for trained, loaded in zip(trainer.model.weights, load_trained(str(tmp_path)).model.weights):
         np.testing.assert_array_equal(trained.numpy(), loaded.numpy(), err_msg=trained.path)  # BN statistics too

@@ -30,7 +30,7 @@ def test_a_damaged_stats_file_does_not_stop_a_resume(tmp_path):
     (tmp_path / "train_stats.json").write_text('{"steps": 4, "train_sec')  # truncated by a crash
     assert RunDir(str(tmp_path)).read_stats() == {}
     (tmp_path / "run_config.json").write_text("{")
-    with pytest.raises(RunDirError, match="--model_dir: .*run_config.json' is not valid JSON"):
+    with pytest.raises(RunDirError, match="^model_dir: .*run_config.json' is not valid JSON"):
         RunDir(str(tmp_path)).read_run_config()
 
 
@@ -52,9 +52,9 @@ def test_resume_with_a_changed_meaning_flag_is_refused_before_anything_is_writte
 
     run_training(tiny_config(tmp_path, train_steps=2, steps_per_loop=2, export=False))
     config_before = (tmp_path / "run_config.json").read_text()
-    with pytest.raises(RunDirError, match=r"--train_batch_size: .* was started with 8, not 16; .*--allow_config_change"):
+    with pytest.raises(RunDirError, match=r"^train_batch_size: .* was started with 8, not 16; .*--allow_config_change"):
         Trainer(tiny_config(tmp_path, train_batch_size=16, train_steps=4))
-    with pytest.raises(RunDirError, match=r"--aux_domains: .* was started with adv, not autoaugment,adv"):
+    with pytest.raises(RunDirError, match=r"^aux_domains: .* was started with adv, not autoaugment,adv"):
         Trainer(tiny_config(tmp_path, aux_domains=["autoaugment", "adv"], train_steps=4))
     # the command line: exit 2 with one line naming the flag
     args = [f"--{k}={v}" for k, v in TINY.items()]
@@ -121,17 +121,18 @@ def test_resume_without_a_saved_iterator_skips_what_all_local_replicas_consumed(
 def test_a_bfloat16_run_exports_a_float32_saved_model(tmp_path):
     from tensorflow.core.protobuf import saved_model_pb2
 
-    from advprop_tf.training.loop import run_training
+    from advprop_tf.train import train_and_export
     from tests.test_export import training_model_logits
 
-    trainer = run_training(tiny_config(tmp_path, train_steps=1, steps_per_loop=1, mixed_precision="bfloat16"))
+    trainer, export_path = train_and_export(tiny_config(tmp_path, train_steps=1, steps_per_loop=1,
+                                                        mixed_precision="bfloat16"))
     proto = saved_model_pb2.SavedModel()
-    proto.ParseFromString(tf.io.gfile.GFile(os.path.join(trainer.export_path, "saved_model.pb"), "rb").read())
+    proto.ParseFromString(tf.io.gfile.GFile(os.path.join(export_path, "saved_model.pb"), "rb").read())
     graph = proto.meta_graphs[0].graph_def
     nodes = list(graph.node) + [n for function in graph.library.function for n in function.node_def]
     dtypes = {t for n in nodes for a in n.attr.values() for t in [a.type, *a.list.type] if t}
     assert tf.float32.as_datatype_enum in dtypes and tf.bfloat16.as_datatype_enum not in dtypes
-    loaded = tf.saved_model.load(trainer.export_path)
+    loaded = tf.saved_model.load(export_path)
     pixels = tf.random.stateless_uniform([2, 32, 32, 3], [1, 2], 0, 255).numpy()
     # the reference reads the checkpoint itself (not through the export's loader): the EMA shadows, float32
     want = training_model_logits(tmp_path, pixels, "clean")

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from advprop_tf.methods import AttackConfig, get_method
+from advprop_tf.attacks.pgd import AttackConfig
+from advprop_tf.methods import get_method
 from advprop_tf.training.ema import ExponentialMovingAverage
 from advprop_tf.training.optimization import make_optimizer, make_schedule
 from advprop_tf.training.step import StepConfig, TrainStep

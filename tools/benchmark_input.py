@@ -51,7 +51,8 @@ def advprop_step_rate():
     import tensorflow as tf
 
     from advprop_tf.benchmarking import time_interleaved
-    from advprop_tf.methods import AttackConfig, get_method
+    from advprop_tf.attacks.pgd import AttackConfig
+    from advprop_tf.methods import get_method
     from advprop_tf.models import build_efficientnet
     from advprop_tf.training.optimization import make_optimizer, make_schedule
     from advprop_tf.training.step import StepConfig, TrainStep

@@ -55,8 +55,9 @@ def main(argv):
         return ema_placement()
 
     from advprop_tf.benchmarking import time_interleaved
-    from advprop_tf.config import FAST_ADVPROP_ADV_WEIGHT, FAST_ADVPROP_ATTACK
-    from advprop_tf.methods import AttackConfig, StepContext, attack, attacked_count, get_method
+    from advprop_tf.attacks.pgd import AttackConfig
+    from advprop_tf.domains import DEFAULT_DOMAINS
+    from advprop_tf.methods import StepContext, attack, attacked_count, get_method
     from advprop_tf.models import build_model
     from advprop_tf.training.optimization import make_loss_fn, make_optimizer, make_schedule
     from advprop_tf.training.step import StepConfig, TrainStep
@@ -66,20 +67,20 @@ def main(argv):
     labels = tf.random.uniform([batch], 0, FLAGS.num_classes, tf.int32)
 
     def make(method, pgd_steps, images=pixels, targets=labels, jit=False):
-        domains = ("clean", "adv") if "advprop" in method else ("clean",)
-        model = build_model(FLAGS.model, num_classes=FLAGS.num_classes, domains=domains)
+        record = get_method(method)  # its domains, fixed attack settings and default loss weight
+        domains = record.domains(DEFAULT_DOMAINS[1:])
+        model = build_model(FLAGS.model, num_classes=FLAGS.num_classes, domains=domains.names)
         optimizer = make_optimizer("rmsprop", make_schedule("constant", 0.01, 100, 100, 0), model)
-        fast = method == "fast_advprop"
-        attack = dict(FAST_ADVPROP_ATTACK) if fast else dict(attack_bn_mode=FLAGS.attack_bn_mode)
-        attack = AttackConfig(epsilon=pgd_steps, num_steps=pgd_steps, step_size=1.0, **attack)
+        attack = record.resolve_attack(AttackConfig(epsilon=pgd_steps, num_steps=pgd_steps, step_size=1.0,
+                                                    attack_bn_mode=FLAGS.attack_bn_mode))
         config = StepConfig(global_batch_size=int(images.shape[0]), num_classes=FLAGS.num_classes, attack=attack,
-                            jit_compile=jit, adv_fraction=FLAGS.adv_fraction,
-                            adv_weight=FAST_ADVPROP_ADV_WEIGHT if fast else 1.0)
-        step = TrainStep(model, get_method(method), optimizer, config)
+                            jit_compile=jit, adv_fraction=FLAGS.adv_fraction, adv_weight=record.default_adv_weight,
+                            domains=domains)
+        step = TrainStep(model, record, optimizer, config)
         return lambda: step.run_batch(images, targets)["loss"]
 
     def attack_alone():
-        model = build_model(FLAGS.model, num_classes=FLAGS.num_classes, domains=("clean", "adv"))
+        model = build_model(FLAGS.model, num_classes=FLAGS.num_classes, domains=DEFAULT_DOMAINS)
         ctx = StepContext(loss_fn=make_loss_fn(FLAGS.num_classes), seed=tf.constant([0, 1]),
                           attack=AttackConfig(epsilon=1, num_steps=1, step_size=1.0, attack_bn_mode=FLAGS.attack_bn_mode))
         return tf.function(lambda: attack(model, pixels, labels, "adv", ctx))
@@ -154,7 +155,9 @@ def ema_placement():
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * FLAGS.replicas)
     from advprop_tf.benchmarking import time_interleaved
-    from advprop_tf.methods import AttackConfig, get_method
+    from advprop_tf.attacks.pgd import AttackConfig
+    from advprop_tf.domains import DEFAULT_DOMAINS
+    from advprop_tf.methods import get_method
     from advprop_tf.models import build_model
     from advprop_tf.training.ema import ExponentialMovingAverage
     from advprop_tf.training.optimization import make_optimizer, make_schedule
@@ -186,7 +189,7 @@ def ema_placement():
     for name, step_class, ema_class in (("ema_inside", TrainStep, ExponentialMovingAverage),
                                         ("ema_after", EmaAfterTheReplicatedStep, MirroredShadows)):
         with strategy.scope():
-            model = build_model(FLAGS.model, num_classes=FLAGS.num_classes, domains=("clean", "adv"))
+            model = build_model(FLAGS.model, num_classes=FLAGS.num_classes, domains=DEFAULT_DOMAINS)
             optimizer = make_optimizer("rmsprop", make_schedule("constant", 0.01, 100, 100, 0), model)
             ema = ema_class(model, 0.9999)
             after = step_class is EmaAfterTheReplicatedStep

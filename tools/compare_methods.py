@@ -23,6 +23,13 @@ wall-clock budget: each method's seconds per step is measured first (all methods
 interleaved in this process, random batches of the config's size), then each trains
 S / (s/step) steps. The runs are fixed-length from then on, so a busy machine
 stretches the wall time but does not change what is compared.
+
+--eval_domains=clean,adv evaluates every run through each of those BNs it has (AdvProp's
+adversarial BN is the robust network of "Intriguing Properties of Adversarial Training at
+Scale"), one row each. --variant='label:--flag=value ...' (repeatable) trains every method
+once per network variant, into <output_dir>/<label>/..., and plots accuracy against the
+variants (variant.png): a depth sweep is --variant=resnet-14:--depth_coefficient=0.17
+--variant=resnet-29:--depth_coefficient=0.34 (docs/intriguing_properties.md).
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
+
+from advprop_tf.domains import CLEAN_IMAGES  # noqa: E402
 
 METHODS = ("vanilla", "mixed", "adversarial", "advprop", "fast_advprop", "adversarial_then_clean")
 # A recipe: (training method, share of the training length) per stage, each from the previous one's weights.
@@ -60,6 +69,13 @@ flags.DEFINE_float("finetune_fraction", 0.25, "adversarial_then_clean: the share
                    "spent on clean fine-tuning.")
 flags.DEFINE_list("seeds", [], "Train every method once per seed, in <output_dir>/seed<k>/<method>; the table "
                   "gives mean ± std. Default: the config's seed, one run per method in <output_dir>/<method>.")
+flags.DEFINE_list("eval_domains", [], "Evaluate every run through each of these BN domains it has (e.g. "
+                  "clean,adv: AdvProp through its main and its adversarial BN), one table row each. "
+                  "Default: the main BN only.")
+flags.DEFINE_multi_string("variant", [], "A network variant to train every method on, as "
+                          "'label:--flag=value --flag=value' (e.g. 'resnet-14:--depth_coefficient=0.17'); each "
+                          "trains into <output_dir>/<label>/..., the table has a row per variant, and "
+                          "variant.png plots accuracy against the variants in the given order.")
 flags.DEFINE_float("time_budget_seconds", 0.0, "The same wall-clock training budget for every method: its "
                    "s/step is measured first, then it trains budget / (s/step) steps. 0: the config's length.")
 FLAGS = flags.FLAGS
@@ -75,18 +91,20 @@ class Interrupted(RuntimeError):
 
 def training_flags(config, overrides, method, model_dir):
     """The parsed, validated training flags of one method's run."""
-    from advprop_tf import config as train_config
+    from advprop_tf import train_flags
+    from advprop_tf.errors import ConfigError
 
     fv = flags.FlagValues()
-    train_config.define_train_flags(fv)
+    train_flags.define_train_flags(fv)
     argv = ["train"] + ([f"--flagfile={config}"] if config else []) + list(overrides)
     argv += [f"--method={method}", f"--model_dir={model_dir}"]
     try:
         fv(argv)
-        train_config.validate_train_flags(fv)
-    except (flags.Error, train_config.FlagError) as e:
+        return train_flags.config_from_flags(fv)
+    except flags.Error as e:
         raise CompareError(f"training flags for {method}: {str(e).splitlines()[0]}") from None
-    return train_config.config_from_flags(fv)
+    except ConfigError as e:
+        raise CompareError(f"training flags for {method}: {train_flags.flag_error(e)}") from None
 
 
 def recipe_stages(config, overrides, recipe, model_dir):
@@ -97,14 +115,16 @@ def recipe_stages(config, overrides, recipe, model_dir):
     first, second = RECIPES[recipe]
     pretrain = training_flags(config, overrides, first, join(model_dir, "pretrain"))
     finetune = training_flags(config, overrides, second, join(model_dir, "finetune"))
-    if pretrain.train_steps:
-        finetune.train_steps = max(1, int(round(pretrain.train_steps * FLAGS.finetune_fraction)))
-        pretrain.train_steps = max(1, pretrain.train_steps - finetune.train_steps)
+    steps, epochs = pretrain.optimization.train_steps, pretrain.optimization.train_epochs
+    if steps:
+        tuned = max(1, int(round(steps * FLAGS.finetune_fraction)))
+        pretrain = pretrain.replace(optimization={"train_steps": max(1, steps - tuned)})
+        finetune = finetune.replace(optimization={"train_steps": tuned})
     else:
-        finetune.train_epochs = pretrain.train_epochs * FLAGS.finetune_fraction
-        pretrain.train_epochs = pretrain.train_epochs - finetune.train_epochs
-    finetune.init_checkpoint = pretrain.model_dir  # exists once the first stage has trained
-    return [pretrain, finetune]
+        pretrain = pretrain.replace(optimization={"train_epochs": epochs * (1 - FLAGS.finetune_fraction)})
+        finetune = finetune.replace(optimization={"train_epochs": epochs * FLAGS.finetune_fraction})
+    # exists once the first stage has trained
+    return [pretrain, finetune.replace(run={"init_checkpoint": pretrain.run.model_dir})]
 
 
 def finished(model_dir):
@@ -121,13 +141,13 @@ def train(method, cfg):
 
     from advprop_tf.training.loop import Trainer
 
-    stats = finished(cfg.model_dir)
+    stats = finished(cfg.run.model_dir)
     if stats is not None:
-        print(f"[{method}] already trained in {cfg.model_dir}: reusing it", flush=True)
+        print(f"[{method}] already trained in {cfg.run.model_dir}: reusing it", flush=True)
         return stats
-    print(f"[{method}] training into {cfg.model_dir}", flush=True)
+    print(f"[{method}] training into {cfg.run.model_dir}", flush=True)
     trainer = Trainer(cfg)
-    if trainer.run() is None and not finished(cfg.model_dir):
+    if trainer.run() is None and not finished(cfg.run.model_dir):
         # SIGTERM: the run saved a checkpoint; a rerun of this command resumes it.
         raise Interrupted(f"{method} was interrupted at step {trainer.train_step.current_step}; "
                           "run the same command again to resume")
@@ -142,19 +162,19 @@ def combined(stage_stats):
     return {"train_seconds": seconds, "images_per_second": images / seconds if seconds else None}
 
 
-def measure(method, model_dir):
+def measure(method, model_dir, domain):
     from advprop_tf import evaluate as evaluate_cli
 
     fv = flags.FlagValues()
     evaluate_cli.define_flags(fv)
-    args = [f"--model_dir={model_dir}", "--attack=pgd", f"--epsilon={FLAGS.eval_epsilon}",
+    args = [f"--model_dir={model_dir}", f"--domain={domain}", "--attack=pgd", f"--epsilon={FLAGS.eval_epsilon}",
             f"--step_size={FLAGS.eval_step_size}", f"--targeted={FLAGS.eval_targeted}",
             f"--corruptions={FLAGS.corruptions}", f"--severities={','.join(FLAGS.severities)}",
             f"--batch_size={FLAGS.eval_batch_size}", f"--max_batches={FLAGS.eval_max_batches}"]
     if FLAGS.eval_num_steps:
         args.append(f"--num_steps={FLAGS.eval_num_steps}")
     fv(["evaluate", *args])
-    results, _ = evaluate_cli.run(fv, log=lambda line: print(f"[{method}] {line}", flush=True))
+    results, _ = evaluate_cli.run(fv, log=lambda line: print(f"[{method} {domain} BN] {line}", flush=True))
     return results
 
 
@@ -166,7 +186,7 @@ def markdown_table(rows, pgd_label):
         rate = f"{row['images_per_second']:.1f}" if row["images_per_second"] else "n/a"
         corruption = row.get("mean_corruption_accuracy")
         lines.append(
-            f"| {row['method']} | {row['clean_top_1']:.4f} | {row['pgd_accuracy']:.4f} | "
+            f"| {row['label']} | {row['clean_top_1']:.4f} | {row['pgd_accuracy']:.4f} | "
             + (f"{corruption:.4f}" if corruption is not None else "n/a")
             + f" | {minutes:.1f} min | {rate} |"
         )
@@ -193,7 +213,7 @@ def write_chart(rows, path, pgd_label):
         values = [row.get(key) or 0.0 for row in rows]
         bars = ax.bar(x + (i - 1) * width, values, width, label=label)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_xticks(x, [row["method"] for row in rows])
+    ax.set_xticks(x, [row["label"] for row in rows], rotation=20 if len(rows) > 4 else 0, fontsize=7)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
@@ -203,6 +223,39 @@ def write_chart(rows, path, pgd_label):
     fig.savefig(buffer, format="png")
     plt.close(fig)
     with tf.io.gfile.GFile(path, "wb") as f:  # any filesystem, gs:// included
+        f.write(buffer.getvalue())
+    return True
+
+
+def write_variant_chart(summary, path, pgd_label, variants):
+    """Clean top-1 (dashed) and PGD accuracy (solid) of each method and BN against the variants, in the
+    given order (a depth sweep: shallow to deep); error bars are the std over seeds. False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    series = dict.fromkeys((row["method"], row["domain"]) for row in summary)
+    for i, (method, domain) in enumerate(series):
+        mine = {row["variant"]: row for row in summary if (row["method"], row["domain"]) == (method, domain)}
+        x = [k for k, v in enumerate(variants) if v in mine]
+        name = f"{method}, {domain} BN" if FLAGS.eval_domains else method
+        for key, style, what in (("pgd_accuracy", "-o", pgd_label), ("clean_top_1", "--s", "clean top-1")):
+            rows = [mine[variants[k]] for k in x]
+            ax.errorbar(x, [r[key] for r in rows], yerr=[r[key + "_std"] or 0.0 for r in rows], fmt=style,
+                        color=f"C{i}", capsize=3, label=f"{name}: {what}")
+    ax.set_xticks(range(len(variants)), variants)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
+    ax.set_title("Accuracy against the network variant")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    with tf.io.gfile.GFile(path, "wb") as f:
         f.write(buffer.getvalue())
     return True
 
@@ -243,15 +296,30 @@ def apply_budget(stages, seconds_per_step, budget):
     for method, configs in stages.items():
         shares = [1.0] if len(configs) == 1 else [1.0 - FLAGS.finetune_fraction, FLAGS.finetune_fraction]
         for i, (cfg, share) in enumerate(zip(configs, shares)):
-            cfg.train_steps = max(1, int(round(share * budget / seconds_per_step[stage_key(method, configs, i)])))
+            steps = max(1, int(round(share * budget / seconds_per_step[stage_key(method, configs, i)])))
+            configs[i] = cfg.replace(optimization={"train_steps": steps})
 
 
-def plan(seed, existing):
-    """The validated configs of every method's stages for one seed (None: the config's own)."""
+def parse_variants(values):
+    """--variant values as {label: [training flags]} in the given order ({None: []} without any)."""
+    variants = {}
+    for value in values:
+        label, _, overrides = value.partition(":")
+        label = label.strip()
+        if not label or "/" in label or not overrides.strip() or label in variants:
+            raise CompareError(f"--variant: {value!r} is not 'label:--flag=value ...' with a new label "
+                               "(no '/')")
+        variants[label] = shlex.split(overrides)
+    return variants or {None: []}
+
+
+def plan(seed, existing, variant=None, variant_overrides=()):
+    """The validated configs of every method's stages for one seed (None: the config's own) and variant."""
     from advprop_tf.paths import join
 
-    base = FLAGS.output_dir if seed is None else join(FLAGS.output_dir, f"seed{seed}")
-    overrides = list(FLAGS.override) + ([] if seed is None else [f"--seed={seed}"])
+    base = FLAGS.output_dir if variant is None else join(FLAGS.output_dir, variant)
+    base = base if seed is None else join(base, f"seed{seed}")
+    overrides = list(FLAGS.override) + list(variant_overrides) + ([] if seed is None else [f"--seed={seed}"])
     stages = {}
     for m in FLAGS.methods:
         model_dir = existing.get(m, join(base, m))
@@ -262,24 +330,41 @@ def plan(seed, existing):
     return stages
 
 
-def run_method(method, configs, existing):
-    """Train (or reuse) one method's stages and evaluate its final run: one row of the comparison."""
+def evaluated_domains(cfg):
+    """The --eval_domains that the run's network has; its main BN when it has none of them."""
+    spec = cfg.method.domains
+    return [d for d in FLAGS.eval_domains if d in spec.names] or [spec.main]
+
+
+def row_label(variant, method, domain):
+    label = f"{method}, {domain} BN" if FLAGS.eval_domains else method
+    return label if variant is None else f"{variant}: {label}"
+
+
+def run_method(method, configs, existing, variant=None):
+    """Train (or reuse) one method's stages and evaluate its final run through each evaluated BN:
+    the comparison's rows for it."""
     from advprop_tf.training.run_dir import RunDir
 
     cfg = configs[-1]
-    if method in existing and not RunDir(cfg.model_dir).read_stats():
+    if method in existing and not RunDir(cfg.run.model_dir).read_stats():
         stats = {"train_seconds": 0.0, "images_per_second": None}
     else:
-        stats = combined([train(f"{method}:{c.method}" if len(configs) > 1 else method, c) for c in configs])
-    results = measure(method, cfg.model_dir)
-    return {
-        "method": method, "model_dir": cfg.model_dir, "seed": cfg.seed, "clean_top_1": results["clean"]["top_1"],
-        "clean_top_5": results["clean"]["top_5"], "pgd_accuracy": results["pgd"]["accuracy"],
-        "mean_corruption_accuracy": results.get("mean_corruption_accuracy"),
-        "train_steps": sum(c.train_steps or 0 for c in configs) or None,
-        "train_seconds": stats["train_seconds"], "images_per_second": stats["images_per_second"],
-        "examples": results["examples"], "evaluation": results,
-    }
+        stats = combined([train(f"{method}:{c.method.method}" if len(configs) > 1 else method, c) for c in configs])
+    rows = []
+    for domain in evaluated_domains(cfg):
+        results = measure(method, cfg.run.model_dir, domain)
+        clean = results[CLEAN_IMAGES]
+        rows.append({
+            "label": row_label(variant, method, domain), "method": method, "domain": domain, "variant": variant,
+            "model_dir": cfg.run.model_dir, "seed": cfg.run.seed, "clean_top_1": clean["top_1"],
+            "clean_top_5": clean["top_5"], "pgd_accuracy": results["pgd"]["accuracy"],
+            "mean_corruption_accuracy": results.get("mean_corruption_accuracy"),
+            "train_steps": sum(c.optimization.train_steps or 0 for c in configs) or None,
+            "train_seconds": stats["train_seconds"], "images_per_second": stats["images_per_second"],
+            "examples": results["examples"], "evaluation": results,
+        })
+    return rows
 
 
 METRICS = ("clean_top_1", "pgd_accuracy", "mean_corruption_accuracy", "train_seconds", "images_per_second")
@@ -290,9 +375,10 @@ def summarize(rows):
     import numpy as np
 
     summary = []
-    for method in dict.fromkeys(row["method"] for row in rows):
-        mine = [row for row in rows if row["method"] == method]
-        out = {"method": method, "seeds": [row["seed"] for row in mine], "train_steps": mine[0]["train_steps"]}
+    for label in dict.fromkeys(row["label"] for row in rows):
+        mine = [row for row in rows if row["label"] == label]
+        out = {key: mine[0][key] for key in ("label", "method", "domain", "variant", "train_steps")}
+        out["seeds"] = [row["seed"] for row in mine]
         for key in METRICS:
             values = [row[key] for row in mine if row[key] is not None]
             out[key] = float(np.mean(values)) if values else None
@@ -311,7 +397,7 @@ def seeds_table(summary, pgd_label):
              "training time | images/s |", "|---|---|---|---|---|---|---|"]
     for row in summary:
         rate = f"{row['images_per_second']:.1f}" if row["images_per_second"] else "n/a"
-        lines.append(f"| {row['method']} | {cell(row, 'clean_top_1')} | {cell(row, 'pgd_accuracy')} | "
+        lines.append(f"| {row['label']} | {cell(row, 'clean_top_1')} | {cell(row, 'pgd_accuracy')} | "
                      f"{cell(row, 'mean_corruption_accuracy')} | {row['train_steps'] or 'config'} | "
                      f"{row['train_seconds'] / 60:.1f} min | {rate} |")
     return "\n".join(lines)
@@ -344,14 +430,21 @@ def compare():
         if method not in FLAGS.methods or not tf.io.gfile.isdir(path):
             raise CompareError(f"--model_dirs: {item!r} is not method=<existing directory> for a compared method")
         existing[method] = path
+    variants = parse_variants(FLAGS.variant)
+    if FLAGS.model_dirs and FLAGS.variant:
+        raise CompareError("--model_dirs: takes one existing run per method, so not with --variant")
     started = time.time()
-    plans = {seed: plan(seed, existing) for seed in seeds}  # all validated before the first one trains
+    # all validated before the first one trains
+    plans = {(v, seed): plan(seed, existing, v, o) for v, o in variants.items() for seed in seeds}
     seconds = {}
     if FLAGS.time_budget_seconds:
-        seconds = calibrate(plans[seeds[0]])
-        for stages in plans.values():
-            apply_budget(stages, seconds, FLAGS.time_budget_seconds)
-    rows = [run_method(method, plans[seed][method], existing) for seed in seeds for method in FLAGS.methods]
+        for v in variants:
+            seconds.update({(v, *key): value for key, value in calibrate(plans[(v, seeds[0])]).items()})
+            for seed in seeds:
+                apply_budget(plans[(v, seed)], {key[1:]: value for key, value in seconds.items() if key[0] == v},
+                             FLAGS.time_budget_seconds)
+    rows = [row for v in variants for seed in seeds for method in FLAGS.methods
+            for row in run_method(method, plans[(v, seed)][method], existing, v)]
     pgd = rows[0]["evaluation"]["pgd"]
     pgd_label = f"PGD-{pgd['num_steps']} ε={pgd['epsilon']:g} acc." + (" (targeted)" if pgd["targeted"] else "")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
@@ -362,6 +455,8 @@ def compare():
               "its measured s/step)." if FLAGS.time_budget_seconds else "")
     tf.io.gfile.makedirs(FLAGS.output_dir)
     have_chart = write_chart(summary if len(seeds) > 1 else rows, join(FLAGS.output_dir, "comparison.png"), pgd_label)
+    if len(variants) > 1:
+        write_variant_chart(summary, join(FLAGS.output_dir, "variant.png"), pgd_label, list(variants))
     seeds_note = f" Seeds {', '.join(map(str, seeds))}: mean ± sample std." if len(seeds) > 1 else ""
     write_atomically(join(FLAGS.output_dir, "comparison.md"),
                      f"Command: `{command}`\n\nWall time: {wall / 60:.1f} min; evaluated on "
@@ -369,7 +464,8 @@ def compare():
                      + ("\n![comparison](comparison.png)\n" if have_chart else ""))
     write_json(join(FLAGS.output_dir, "comparison.json"),
                {"command": command, "wall_seconds": wall, "rows": rows, "summary": summary,
-                "seconds_per_step": {f"{m}" + ("" if i is None else f":{i}"): v for (m, i), v in seconds.items()}})
+                "seconds_per_step": {("" if v is None else f"{v}:") + m + ("" if i is None else f":{i}"): value
+                                     for (v, m, i), value in seconds.items()}})
     print(table)
     if not have_chart:
         print("(no chart: pip install matplotlib to get comparison.png)")

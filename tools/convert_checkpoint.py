@@ -41,17 +41,19 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    from advprop_tf.conversion import ConvertError, convert
+    from advprop_tf.conversion import convert
+    from advprop_tf.errors import ConfigError
 
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}")
     try:
-        print(convert(FLAGS.source, FLAGS.model, FLAGS.output, advprop=FLAGS.advprop, use_ema=FLAGS.use_ema,
+        # an AdvProp checkpoint takes pixels in [-1, 1]: "inception" normalization
+        print(convert(FLAGS.source, FLAGS.model, FLAGS.output, inception_normalization=FLAGS.advprop, use_ema=FLAGS.use_ema,
                       num_classes=FLAGS.num_classes, resolution=FLAGS.resolution,
                       width_coefficient=FLAGS.width_coefficient, depth_coefficient=FLAGS.depth_coefficient,
                       export_saved_model=FLAGS.export))
-    except ConvertError as e:
-        fail(str(e))
+    except ConfigError as e:
+        cli.fail_setting("convert_checkpoint", e, lambda field: {"inception_normalization": "advprop"}.get(field, field))
 
 
 def fail(message):

@@ -14,8 +14,8 @@ from advprop_tf.data.autoaugment import autoaugment
 from advprop_tf.data.randaugment import randaugment
 from advprop_tf.data.preprocessing import is_decodable_image, preprocess_eval, preprocess_train
 from advprop_tf.data.sources import Source, SourceError
+from advprop_tf.domains import CLEAN_IMAGES, VIEWS
 
-VIEWS = ("randaugment", "autoaugment")  # extra views an N-domain AdvProp model can ask for
 AUGMENTATIONS = ("none", "randaugment", "autoaugment", "keras_cv_randaugment")
 
 
@@ -92,7 +92,7 @@ def train_dataset(source: Source, size: int, batch_size: int, *, augment: str = 
                   views: tuple = (), seed: int | None = None, shuffle_buffer: int = 10_000,
                   stats: DecodeStats | None = None, skip_examples: int = 0, crop_min_area: float = 0.08,
                   input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
-    """Endless batches of (pixels, labels); pixels is a dict {"clean", *views} when views are asked for.
+    """Endless batches of (pixels, labels); pixels is a dict {CLEAN_IMAGES: ..., view: ...} when views are asked for.
 
     `batch_size` is per input pipeline (per replica under a strategy). The
     order, crops and flips are a function of `seed` (random when None), the
@@ -148,7 +148,7 @@ def train_dataset(source: Source, size: int, batch_size: int, *, augment: str = 
         clean = augmented(image, augment, element_seed, 0)
         if not views:
             return clean, label, index
-        out = {"clean": clean}
+        out = {CLEAN_IMAGES: clean}
         for stream, view in enumerate(views, start=1):
             out[view] = augmented(image, view, element_seed, stream)
         return out, label, index

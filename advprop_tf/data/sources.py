@@ -22,6 +22,7 @@ import tensorflow as tf
 from absl import logging
 
 from advprop_tf.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
+from advprop_tf.errors import ConfigError
 from advprop_tf.data.synthetic import synthetic_dataset
 from advprop_tf.paths import basename as _basename
 from advprop_tf.paths import join as _join
@@ -31,8 +32,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 SOURCE_KINDS = ("synthetic", "folder", "tfrecord", "tfds")
 
 
-class SourceError(ValueError):
-    """A data source that cannot be used; the message says which and why."""
+class SourceError(ConfigError):
+    """A data source that cannot be used; the reason says which and why (field: dataset)."""
+
+    def __init__(self, reason: str, field: str = "dataset"):
+        super().__init__(field, reason)
 
 
 @dataclasses.dataclass

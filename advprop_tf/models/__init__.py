@@ -8,6 +8,7 @@ from advprop_tf.models.resnet import RESNET_NAMES, STAGE_DEPTHS, ResNet
 
 __all__ = [
     "BN_MODES",
+    "Chunks",
     "EFFICIENTNET_NAMES",
     "INPUT_NORMALIZATIONS",
     "MODEL_NAMES",

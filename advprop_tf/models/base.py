@@ -15,12 +15,17 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
+from advprop_tf.domains import DEFAULT_DOMAINS
 from advprop_tf.models.multi_bn import MultiBatchNormalization
 
 # Per-channel statistics of ImageNet in pixel units (0-255).
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-INPUT_NORMALIZATIONS = ("imagenet", "inception")
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+# imagenet: (x - mean) / std (Keras' "torch" mode); inception: x / 127.5 - 1 (Keras' "tf" mode, AdvProp's
+# checkpoints); caffe: BGR channels minus their means (Keras' ResNet50, VGG); none: the network normalizes itself
+# (Keras' EfficientNet and EfficientNetV2 have it built in).
+INPUT_NORMALIZATIONS = ("imagenet", "inception", "caffe", "none")
 
 
 def normalize_pixels(pixels, mode: str):
@@ -30,6 +35,10 @@ def normalize_pixels(pixels, mode: str):
         return (pixels - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
     if mode == "inception":
         return pixels * (2.0 / 255.0) - 1.0
+    if mode == "caffe":
+        return pixels[..., ::-1] - tf.constant(CAFFE_BGR_MEAN)
+    if mode == "none":
+        return pixels
     raise ValueError(f"input_normalization must be one of {INPUT_NORMALIZATIONS}, got {mode!r}")
 
 
@@ -94,7 +103,7 @@ class MultiDomainNetwork(keras.Model):
         self,
         model_name: str,
         num_classes: int = 1000,
-        domains: Sequence[str] = ("clean", "adv"),
+        domains: Sequence[str] = DEFAULT_DOMAINS,
         input_normalization: str = "imagenet",
         resolution: int | None = None,
         width_coefficient: float | None = None,

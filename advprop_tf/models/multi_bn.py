@@ -35,6 +35,8 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
+from advprop_tf.domains import DEFAULT_DOMAINS
+
 BN_MODES = ("train", "batch", "inference")
 _local = threading.local()  # MirroredStrategy runs each replica's step in its own thread
 
@@ -79,6 +81,18 @@ def _collector():
     return getattr(_local, "updates", None)
 
 
+@contextlib.contextmanager
+def routing(domain=None, bn_mode=None):
+    """Within, a MultiBatchNormalization called without `domain` and `bn_mode` (by a Keras functional graph,
+    which cannot pass them on: models/keras_conversion.py) takes these."""
+    previous = getattr(_local, "route", None)
+    _local.route = (domain, bn_mode)
+    try:
+        yield
+    finally:
+        _local.route = previous
+
+
 def resolve_bn_mode(training, bn_mode):
     """Return the effective BN mode for a call."""
     if bn_mode is None:
@@ -120,11 +134,13 @@ class MultiBatchNormalization(keras.layers.Layer):
 
     def __init__(
         self,
-        domains: Sequence[str] = ("clean", "adv"),
+        domains: Sequence[str] = DEFAULT_DOMAINS,
         momentum: float = 0.99,
         epsilon: float = 1e-3,
         synchronized: bool = False,
         gamma_initializer: str = "ones",
+        center: bool = True,
+        scale: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -142,6 +158,8 @@ class MultiBatchNormalization(keras.layers.Layer):
         self.synchronized = bool(synchronized)
         # "zeros" for a residual block's last BN (the block starts as the identity).
         self.gamma_initializer = gamma_initializer
+        # Keras' BatchNormalization(center=False / scale=False): no beta / gamma (0 / 1), as in the layer converted.
+        self.center, self.scale = bool(center), bool(scale)
         self.supports_masking = False
         self._vars = {}
 
@@ -153,23 +171,26 @@ class MultiBatchNormalization(keras.layers.Layer):
         channels = input_shape[-1]
         if channels is None:
             raise ValueError("MultiBatchNormalization needs a known channel dimension")
+        self._channels = int(channels)
         for d in self.domains:
-            self._vars[d] = {
-                "gamma": self.add_weight(
-                    shape=(channels,), initializer=self.gamma_initializer, autocast=False, name=f"{d}_gamma"
-                ),
-                "beta": self.add_weight(
-                    shape=(channels,), initializer="zeros", autocast=False, name=f"{d}_beta"
-                ),
-                "moving_mean": self._add_statistic(channels, "zeros", f"{d}_moving_mean"),
-                "moving_variance": self._add_statistic(channels, "ones", f"{d}_moving_variance"),
-            }
+            variables = {}
+            if self.scale:
+                variables["gamma"] = self.add_weight(
+                    shape=(channels,), initializer=self.gamma_initializer, autocast=False, name=f"{d}_gamma")
+            if self.center:
+                variables["beta"] = self.add_weight(shape=(channels,), initializer="zeros", autocast=False,
+                                                    name=f"{d}_beta")
+            variables["moving_mean"] = self._add_statistic(channels, "zeros", f"{d}_moving_mean")
+            variables["moving_variance"] = self._add_statistic(channels, "ones", f"{d}_moving_variance")
+            self._vars[d] = variables
 
     def _add_statistic(self, channels, initializer, name):
-        """A moving statistic: float32, never autocast; replicas' updates are averaged.
+        """A moving statistic: float32, never autocast; replicas' updates are averaged (MEAN), so every
+        replica holds the same statistics and its inference-mode attack sees the same function.
 
-        (ON_READ synchronization, as tf.keras 2 used, made the AdvProp step
-        ~40% slower here: tools/benchmark_methods.py.)
+        ON_READ synchronization (tf.keras 2's) had once measured ~40% slower here; measured again on two
+        logical CPUs (AdvProp B0 64 px, batch 32 per replica), it costs +1.4% with the EMA after the step and
+        +5% with it inside, not 40%. MEAN stays for the identical statistics.
         """
         return self.add_weight(
             shape=(channels,), initializer=initializer, trainable=False, autocast=False,
@@ -218,6 +239,13 @@ class MultiBatchNormalization(keras.layers.Layer):
                 return mean, variance
         return tf.nn.moments(x, axes, keepdims=True)
 
+    def _affine(self, domain, key):
+        """gamma or beta of a domain, or the constant 1 / 0 of a layer without it."""
+        variable = self._vars[domain].get(key)
+        if variable is not None:
+            return variable
+        return tf.ones([self._channels]) if key == "gamma" else tf.zeros([self._channels])
+
     def _statistic(self, domain, key):
         """A moving statistic as this pass sees it (with updates collected so far)."""
         variable = self._vars[domain][key]
@@ -235,7 +263,12 @@ class MultiBatchNormalization(keras.layers.Layer):
             else:
                 collector.write(variable, new)
 
-    def call(self, inputs, training=None, domain=None, bn_mode=None):
+    def call(self, inputs, training=None, domain=None, bn_mode=None, mask=None):
+        if mask is not None:  # a converted Keras BN's graph may pass it; masked statistics are not supported
+            raise ValueError(f"{self.name}: MultiBatchNormalization does not support masks")
+        route = getattr(_local, "route", None)
+        if route is not None and domain is None and bn_mode is None:
+            domain, bn_mode = route
         mode = resolve_bn_mode(training, bn_mode)
         x = tf.cast(inputs, tf.float32)  # statistics always in float32
         if isinstance(domain, Chunks):
@@ -248,7 +281,6 @@ class MultiBatchNormalization(keras.layers.Layer):
         return tf.cast(y, self.compute_dtype)
 
     def _call_single(self, x, domain, mode):
-        v = self._vars[domain]
         if mode != "inference" and len(x.shape) == 4 and not self._synchronized_here() and self.fused:
             return self._fused_batch_statistics(x, domain, mode)
         if mode == "inference":
@@ -261,7 +293,7 @@ class MultiBatchNormalization(keras.layers.Layer):
             if mode == "train":
                 self._update(domain, mean, variance)
         return tf.nn.batch_normalization(
-            x, mean, variance, v["beta"], v["gamma"], self.epsilon
+            x, mean, variance, self._affine(domain, "beta"), self._affine(domain, "gamma"), self.epsilon
         )
 
     def _synchronized_here(self):
@@ -274,9 +306,9 @@ class MultiBatchNormalization(keras.layers.Layer):
         fused op normalizes with the biased variance; the variance it returns is unbiased, which is
         undone before the moving variance is updated. It raises an epsilon below 1.001e-5 to that
         (ResNet's 1e-5: 1e-8 more in var + eps). Synchronized BN across replicas keeps the plain ops."""
-        v = self._vars[domain]
         y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            x, v["gamma"], v["beta"], epsilon=self.epsilon, is_training=True, data_format="NHWC")
+            x, self._affine(domain, "gamma"), self._affine(domain, "beta"), epsilon=self.epsilon, is_training=True,
+            data_format="NHWC")
         if mode == "train":
             count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), tf.float32)
             self._update(domain, mean, variance * tf.maximum(count - 1.0, 1.0) / count)
@@ -317,7 +349,7 @@ class MultiBatchNormalization(keras.layers.Layer):
         param_shape = [n] + [1] * (rank - 1) + [-1]
 
         def stacked(key):
-            values = [tf.convert_to_tensor(self._statistic(d, key) if key.startswith("moving") else self._vars[d][key])
+            values = [tf.convert_to_tensor(self._statistic(d, key) if key.startswith("moving") else self._affine(d, key))
                       for d in names]
             return tf.reshape(tf.stack(values), param_shape)
 
@@ -346,5 +378,7 @@ class MultiBatchNormalization(keras.layers.Layer):
             epsilon=self.epsilon,
             synchronized=self.synchronized,
             gamma_initializer=self.gamma_initializer,
+            center=self.center,
+            scale=self.scale,
         )
         return config

@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from advprop_tf.domains import MAIN
+from advprop_tf.errors import ConfigError
 from advprop_tf.models.base import MultiDomainNetwork
 from advprop_tf.models.efficientnet import EfficientNet
 from advprop_tf.paths import dirname, join
 from advprop_tf.training.run_dir import RUN_CONFIG, RunDir, checkpoint_reader
 
 
-class InitError(ValueError):
-    """The init checkpoint cannot initialize this model; the message starts with the flag."""
+class InitError(ConfigError):
+    """The init checkpoint cannot initialize this model; `field` names the setting (init_checkpoint by default)."""
+
+    def __init__(self, reason: str, field: str = "init_checkpoint"):
+        super().__init__(field, reason)
 
 
 def resolve_checkpoint(path: str):
@@ -40,11 +45,11 @@ def resolve_checkpoint(path: str):
             indexes = sorted(tf.io.gfile.glob(join(path, "*.index")))
             prefix = indexes[-1][: -len(".index")] if len(indexes) == 1 else None
         if not prefix:
-            raise InitError(f"--init_checkpoint: no checkpoint in {path!r}")
+            raise InitError(f"no checkpoint in {path!r}")
         return prefix, _run_dir_of(prefix)
     if tf.io.gfile.exists(path + ".index"):
         return path, _run_dir_of(path)
-    raise InitError(f"--init_checkpoint: {path!r} is neither a directory, a checkpoint nor a .h5 file")
+    raise InitError(f"{path!r} is neither a directory, a checkpoint nor a .h5 file")
 
 
 def _run_dir_of(prefix):
@@ -62,12 +67,12 @@ def initialize_from(model: MultiDomainNetwork, path: str, skip_head: bool = Fals
     names = set(checkpoint_reader(prefix).get_variable_to_shape_map())
     if run_dir is None:
         return _from_authors_checkpoint(model, prefix, names, skip_head, use_ema)
-    from advprop_tf.serving import ExportError, load_trained
+    from advprop_tf.training.trained import load_trained
 
     try:
         source, _, step, _ = load_trained(run_dir, use_ema=use_ema and any(n.startswith("ema/") for n in names))
-    except ExportError as e:
-        raise InitError(f"--init_checkpoint: {str(e).split(': ', 1)[-1]}") from None
+    except ConfigError as e:  # the directory's problem, named as the flag that points at it
+        raise InitError(e.reason) from None
     _copy(source, model, skip_head)
     return f"{prefix} (step {step}{', EMA' if use_ema else ''}{', head skipped' if skip_head else ''})"
 
@@ -78,7 +83,7 @@ def _copy(source, model, skip_head):
     try:
         copy_weights(source, model, skip_head=skip_head)
     except ValueError as e:
-        raise InitError(f"--init_checkpoint: {e}") from None
+        raise InitError(f"{e}") from None
 
 
 def _from_authors_checkpoint(model, prefix, names, skip_head, use_ema):
@@ -86,19 +91,19 @@ def _from_authors_checkpoint(model, prefix, names, skip_head, use_ema):
 
     scopes = checkpoint_scopes(names)
     if scopes and not isinstance(model, EfficientNet):
-        raise InitError(f"--init_checkpoint: {prefix!r} is an authors' EfficientNet checkpoint ({scopes[0]}); "
+        raise InitError(f"{prefix!r} is an authors' EfficientNet checkpoint ({scopes[0]}); "
                         f"--model is {model.model_name}")
     if not scopes:
-        raise InitError(f"--init_checkpoint: {prefix!r} has no run_config.json beside it and no "
+        raise InitError(f"{prefix!r} has no run_config.json beside it and no "
                         "authors' EfficientNet variables")
     # Read into a copy with the checkpoint's head, then copy (maybe without the head).
     head = checkpoint_reader(prefix).get_variable_to_shape_map().get(f"{scopes[0]}/head/dense/bias")
-    config = dict(model.get_config(), domains=["clean"], num_classes=int(head[0]) if head else model.num_classes)
+    config = dict(model.get_config(), domains=[MAIN], num_classes=int(head[0]) if head else model.num_classes)
     source = EfficientNet.from_config(config)
     try:
         report = load_authors_checkpoint(source, prefix, scope=scopes[0], use_ema=use_ema)
     except CheckpointMismatch as e:
-        raise InitError(f"--init_checkpoint: {e}") from None
+        raise InitError(f"{e}") from None
     _copy(source, model, skip_head)
     return (f"authors' checkpoint {prefix} ({scopes[0]}, {report.from_ema} EMA values"
             f"{', head skipped' if skip_head else ''})")
@@ -116,12 +121,12 @@ def keras_application_model(path: str, model: MultiDomainNetwork, skip_head: boo
     from advprop_tf.models.keras_weights import KERAS_APPLICATIONS, copy_keras_application_weights
 
     if model.model_name not in KERAS_APPLICATIONS:
-        raise InitError(f"--init_checkpoint: keras.applications has no {model.model_name}")
+        raise InitError(f"keras.applications has no {model.model_name}")
     if model.input_normalization != "imagenet":
-        raise InitError("--input_normalization: Keras applications weights expect ImageNet mean/std; "
-                        "pass --input_normalization=imagenet")
+        raise InitError("Keras applications weights expect ImageNet mean/std; pass --input_normalization=imagenet",
+                        field="input_normalization")
     if not tf.io.gfile.exists(path):
-        raise InitError(f"--init_checkpoint: {path!r} does not exist")
+        raise InitError(f"{path!r} does not exist")
     constructor = getattr(keras.applications, KERAS_APPLICATIONS[model.model_name])
     size = model.resolution
     errors = []
@@ -131,17 +136,18 @@ def keras_application_model(path: str, model: MultiDomainNetwork, skip_head: boo
         try:
             keras_model.load_weights(path)
         except Exception as e:  # wrong head size or no head: try the next layout
-            errors.append(str(e).splitlines()[0])
+            message = str(e)
+            errors.append(message.splitlines()[0])
             continue
         head_matches = include_top and classes == model.num_classes
         if not head_matches and not skip_head:
             found = f"a {classes}-class head" if include_top else f"no {model.num_classes}-class head"
-            raise InitError(f"--init_checkpoint: {path!r} has {found}, the model has {model.num_classes} "
+            raise InitError(f"{path!r} has {found}, the model has {model.num_classes} "
                             "classes; pass --init_skip_head to train a new head")
         try:
             copy_keras_application_weights(keras_model, model, skip_head=skip_head or not head_matches)
         except ValueError as e:
-            raise InitError(f"--init_checkpoint: {e}") from None
+            raise InitError(f"{e}") from None
         return
-    raise InitError(f"--init_checkpoint: {path!r} is not a {KERAS_APPLICATIONS[model.model_name]} weight file "
+    raise InitError(f"{path!r} is not a {KERAS_APPLICATIONS[model.model_name]} weight file "
                     f"({errors[-1]})")

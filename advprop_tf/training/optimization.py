@@ -7,6 +7,8 @@ import math
 import keras
 import tensorflow as tf
 
+from advprop_tf.config import LR_SCHEDULES
+
 BASE_LEARNING_RATE = 0.016  # per 256 images
 
 
@@ -96,7 +98,7 @@ def scaled_learning_rate(global_batch_size: int, base: float = BASE_LEARNING_RAT
     return base * global_batch_size / 256.0
 
 
-SCHEDULES = ("exponential", "cosine", "constant", "step")
+
 
 
 def make_schedule(name, learning_rate, steps_per_epoch, total_steps, warmup_epochs=5.0,
@@ -113,7 +115,7 @@ def make_schedule(name, learning_rate, steps_per_epoch, total_steps, warmup_epoc
     if name == "step":
         boundaries = [int(round(float(e) * steps_per_epoch)) for e in boundary_epochs]
         return WarmupStepDecay(learning_rate, boundaries, decay_rate, warmup_steps, min(warmup_from, learning_rate))
-    raise ValueError(f"unknown learning-rate schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+    raise ValueError(f"unknown learning-rate schedule {name!r}; valid: {', '.join(LR_SCHEDULES)}")
 
 
 class NonFiniteSkippingOptimizer(keras.optimizers.LossScaleOptimizer):

@@ -28,6 +28,7 @@ import uuid
 import tensorflow as tf
 from absl import logging
 
+from advprop_tf.errors import ConfigError
 from advprop_tf.paths import is_url, join
 
 RUN_CONFIG = "run_config.json"
@@ -35,15 +36,11 @@ SEED = "seed.txt"
 TRAIN_STATS = "train_stats.json"
 EVAL_RESULTS = "eval_results.json"
 
-# Flags that change what a run IS: resuming with another value would silently
-# train a different model, schedule or data (the global batch sets the learning
-# rate and the steps per epoch).
-MEANING_FLAGS = ("model", "method", "aux_domains", "adv_fraction", "train_batch_size", "resolution", "num_classes",
-                 "dataset", "width_coefficient", "depth_coefficient")
 
 
-class RunDirError(ValueError):
-    """A run directory that cannot be used as asked; the message starts with the flag."""
+class RunDirError(ConfigError):
+    """A run directory that cannot be used as asked; `field` names the setting (model_dir, or a meaning
+    field that differs on resume)."""
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -58,15 +55,15 @@ def write_json(path: str, value) -> None:
     write_atomically(path, json.dumps(value, indent=2) + "\n")
 
 
-def read_json(path: str):
-    """The JSON at `path`; RunDirError naming the file when it is missing or not JSON."""
+def read_json(path: str, field: str = "model_dir"):
+    """The JSON at `path`; RunDirError(field) naming the file when it is missing or not JSON."""
     try:
         with tf.io.gfile.GFile(path) as f:
             return json.loads(f.read())
     except tf.errors.NotFoundError:
-        raise RunDirError(f"{path!r} does not exist") from None
+        raise RunDirError(field, f"{path!r} does not exist") from None
     except json.JSONDecodeError as e:
-        raise RunDirError(f"{path!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise RunDirError(field, f"{path!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def publish_directory(staging: str, target: str) -> None:
@@ -96,10 +93,10 @@ class RunDir:
 
     def __init__(self, path: str, is_chief: bool = True, task_id: int = 0):
         if not path:
-            raise RunDirError("--model_dir: is required")
+            raise RunDirError("model_dir", "is required")
         self.path = path.rstrip("/") or path
         if tf.io.gfile.exists(self.path) and not tf.io.gfile.isdir(self.path):
-            raise RunDirError(f"--model_dir: {self.path!r} is a file, not a directory")
+            raise RunDirError("model_dir", f"{self.path!r} is a file, not a directory")
         self.is_chief = is_chief
         self.task_id = task_id
         # Non-chief workers must still write the checkpoints a strategy asks
@@ -163,7 +160,7 @@ class RunDir:
                 logging.warning("restored the older checkpoint %s instead", prefix)
             return prefix
         if failures:
-            raise RunDirError(f"--model_dir: none of the {len(failures)} checkpoints in {self.chief_checkpoint_dir!r} "
+            raise RunDirError("model_dir", f"none of the {len(failures)} checkpoints in {self.chief_checkpoint_dir!r} "
                               f"restores (newest: {failures[0]})")
         return None
 
@@ -204,11 +201,8 @@ class RunDir:
 
     def read_run_config(self) -> dict:
         if not self.exists(RUN_CONFIG):
-            raise RunDirError(f"--model_dir: {self.path!r} holds no {RUN_CONFIG}; is it a training directory?")
-        try:
-            return read_json(self.file(RUN_CONFIG))
-        except RunDirError as e:
-            raise RunDirError(f"--model_dir: {e}") from None
+            raise RunDirError("model_dir", f"{self.path!r} holds no {RUN_CONFIG}; is it a training directory?")
+        return read_json(self.file(RUN_CONFIG))
 
     def check_resume(self, flags: dict, allow_change: bool = False) -> tuple:
         """Compare the meaning flags of a resumed run with those it was started with.
@@ -222,8 +216,8 @@ class RunDir:
             return ()
         stored = self.read_run_config().get("flags", {})
         changed = []
-        for name in MEANING_FLAGS:
-            if name not in stored or name not in flags:
+        for name in flags:
+            if name not in stored:
                 continue
             before, now = stored[name], flags[name]
             if _normalized(before) == _normalized(now):
@@ -232,9 +226,8 @@ class RunDir:
                 logging.warning("--%s changed from %r to %r on resume (--allow_config_change)", name, before, now)
                 changed.append(name)
                 continue
-            raise RunDirError(
-                f"--{name}: {self.path!r} was started with {_show(before)}, not {_show(now)}; resuming would "
-                "change the run (pass --allow_config_change to resume with the new value anyway)")
+            raise RunDirError(name, f"{self.path!r} was started with {_show(before)}, not {_show(now)}; resuming "
+                              "would change the run (pass --allow_config_change to resume with the new value anyway)")
         return tuple(changed)
 
     def record_start(self, run_config: dict, seed: int) -> None:

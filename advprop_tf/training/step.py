@@ -28,8 +28,9 @@ import keras
 import tensorflow as tf
 
 from advprop_tf import randomness
-from advprop_tf.attacks.pgd import steps_for_epsilon
-from advprop_tf.methods import AttackConfig, StepContext, add_gradients, scheduled_epsilon
+from advprop_tf.attacks.pgd import AttackConfig
+from advprop_tf.domains import DomainSpec
+from advprop_tf.methods import StepContext, add_gradients, scheduled_epsilon
 from advprop_tf.models.multi_bn import collecting_statistic_updates
 from advprop_tf.training.optimization import make_loss_fn, weight_decay_loss
 from advprop_tf.training.strategy import multi_worker_resolver
@@ -39,7 +40,7 @@ DROPOUT_STREAM = 0xD20F  # the dropout masks' seeds are folded from the step's s
 
 @dataclasses.dataclass
 class StepConfig:
-    global_batch_size: int
+    global_batch_size: int | None  # clean images per step over all replicas; None: the batch's, x replicas
     num_classes: int
     label_smoothing: float = 0.1
     weight_decay: float = 1e-5
@@ -48,11 +49,12 @@ class StepConfig:
     total_steps: int = 1
     clean_weight: float = 1.0
     adv_weight: float = 1.0
-    adv_fraction: float = 0.2  # fast_advprop: attacked share of each batch
-    noisy_weight: float = 0.5  # fast_advprop: weight of the attack's own pass
+    adv_fraction: float = 0.2  # Fast AdvProp: attacked share of each batch
+    noisy_weight: float = 0.5  # Fast AdvProp: weight of the attack's own pass
     seed: int = 0
     jit_compile: bool = False
     skip_non_finite: bool = False  # a step with a non-finite loss changes nothing (pair with a LossScaleOptimizer)
+    domains: DomainSpec | None = None  # the network's domains (None: read from model.domains)
 
 
 def compiles_update(strategy) -> bool:
@@ -63,7 +65,9 @@ def compiles_update(strategy) -> bool:
 class TrainStep:
     """Builds and holds the compiled training function for one model/method/optimizer."""
 
-    def __init__(self, model, method, optimizer, config: StepConfig, strategy=None, ema=None):
+    def __init__(self, model, method, optimizer, config: StepConfig, strategy=None, ema=None, step_counter=None):
+        """`step_counter`: a variable of the caller's to count steps in (a Keras model's, saved with its
+        weights), replica-local or mirrored; by default the step makes its own."""
         self.model = model
         self.method = method
         self.optimizer = optimizer
@@ -71,12 +75,15 @@ class TrainStep:
         self.strategy = strategy or tf.distribute.get_strategy()
         self.ema = ema
         self.loss_fn = make_loss_fn(config.num_classes, config.label_smoothing)
-        with self.strategy.scope():
-            # Every replica counts the steps itself (identical counts): no communication, and the
-            # counter is read where the step runs (on the device).
-            self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
-                                           synchronization=tf.VariableSynchronization.ON_READ,
-                                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        if step_counter is not None:
+            self.global_step = step_counter
+        else:
+            with self.strategy.scope():
+                # Every replica counts the steps itself (identical counts): no communication, and the
+                # counter is read where the step runs (on the device).
+                self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
+                                               synchronization=tf.VariableSynchronization.ON_READ,
+                                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         # Host-side and never checkpointed: set (from any thread) to end the current graph loop early.
         self.stop_flag = tf.Variable(False, trainable=False, name="stop_requested")
         self._statistics = [v for layer in model.bn_layers() for d in layer.domains
@@ -108,7 +115,7 @@ class TrainStep:
         epsilon = num_steps = None
         if cfg.epsilon_schedule:
             epsilon = scheduled_epsilon(cfg.epsilon_schedule, step, cfg.total_steps)
-            num_steps = cfg.attack.num_steps if cfg.attack.fixed_num_steps else steps_for_epsilon(epsilon)
+            num_steps = cfg.attack.steps_for(epsilon)
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
         seed = tf.stack([
             tf.constant(cfg.seed, tf.int32),
@@ -118,13 +125,14 @@ class TrainStep:
             loss_fn=self.loss_fn, attack=cfg.attack, epsilon=epsilon, num_steps=num_steps,
             seed=seed, clean_weight=cfg.clean_weight, adv_weight=cfg.adv_weight,
             adv_fraction=cfg.adv_fraction, noisy_weight=cfg.noisy_weight, scale_loss=self.optimizer.scale_loss,
+            domains=cfg.domains,
         )
 
     def _gradients(self, images, labels, ctx):
         cfg = self.config
         num_replicas = self.strategy.num_replicas_in_sync
         variables = self.model.trainable_variables
-        if getattr(self.method, "computes_gradients", False):
+        if self.method.computes_gradients:
             loss, grads, metrics = self.method(self.model, images, labels, ctx)
             with tf.GradientTape() as tape:
                 decay = weight_decay_loss(self.model, cfg.weight_decay) / num_replicas
@@ -135,7 +143,8 @@ class TrainStep:
             with tf.GradientTape() as tape:
                 ctx.pause_recording = tape.stop_recording
                 loss_sum, metrics = self.method(self.model, images, labels, ctx)
-                loss = loss_sum / cfg.global_batch_size
+                global_batch = cfg.global_batch_size or tf.cast(tf.shape(labels)[0] * num_replicas, tf.float32)
+                loss = loss_sum / global_batch
                 loss += weight_decay_loss(self.model, cfg.weight_decay) / num_replicas
                 scaled = self.optimizer.scale_loss(loss)
             grads = tape.gradient(scaled, variables)
@@ -154,7 +163,7 @@ class TrainStep:
         return grads, statistics, sums
 
     def _replica_step(self, images, labels):
-        step = self.global_step.read_value()
+        step = tf.cast(tf.convert_to_tensor(self.global_step), tf.int64)
         grads, statistics, sums = self._compute_part(images, labels, step)
         return self._update(grads, statistics, sums, step)
 
