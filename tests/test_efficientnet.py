@@ -123,7 +123,7 @@ def test_unknown_model_name_lists_valid_names():
     with pytest.raises(ValueError, match="efficientnet-b9.*efficientnet-b0.*efficientnet-l2"):
         build_efficientnet("efficientnet-b9")
     with pytest.raises(ValueError, match="input_normalization"):
-        build_efficientnet("efficientnet-b0", input_normalization="caffe")
+        build_efficientnet("efficientnet-b0", input_normalization="bogus")
     assert len(EFFICIENTNET_NAMES) == 10
 
 

@@ -108,8 +108,7 @@ def test_resume_without_a_saved_iterator_skips_what_all_local_replicas_consumed(
     batches = [next(straight.train_iterator) for _ in range(3)]
     expected = [strategy.experimental_local_results(batches[2][1])]
     resumed = Trainer(cfg, strategy)
-    resumed._resume_step = 2  # what restore() sets after restoring step 2
-    resumed.train_iterator = resumed._make_iterator()
+    resumed.train_iterator = resumed.inputs.train_iterator(resume_step=2)  # what restore() makes at step 2
     images, labels = next(resumed.train_iterator)
     got = [strategy.experimental_local_results(labels)]
     for a, b in zip(expected[0], got[0]):
