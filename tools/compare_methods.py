@@ -193,6 +193,18 @@ def markdown_table(rows, pgd_label):
     return "\n".join(lines)
 
 
+def save_figure(fig, path):
+    """A matplotlib figure as PNG at `path` on any filesystem (gs:// included)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(buffer.getvalue())
+
+
 def write_chart(rows, path, pgd_label):
     """Grouped bars: clean, PGD and mean corruption accuracy per method. Returns False without matplotlib."""
     try:
@@ -218,12 +230,7 @@ def write_chart(rows, path, pgd_label):
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title("Training methods compared")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    with tf.io.gfile.GFile(path, "wb") as f:  # any filesystem, gs:// included
-        f.write(buffer.getvalue())
+    save_figure(fig, path)
     return True
 
 
@@ -251,12 +258,7 @@ def write_variant_chart(summary, path, pgd_label, variants):
     ax.set_ylabel("accuracy")
     ax.legend(fontsize=7)
     ax.set_title("Accuracy against the network variant")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    with tf.io.gfile.GFile(path, "wb") as f:
-        f.write(buffer.getvalue())
+    save_figure(fig, path)
     return True
 
 
