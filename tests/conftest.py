@@ -106,6 +106,8 @@ def pytest_runtestloop(session):
                 reporter.write_line(output)
         time.sleep(0.2)
     session.testsfailed = len(failed)
+    reporter.write_line(f"{len(by_file)} test files, each in its own process: {len(failed)} failed "
+                        "(pytest's own summary below counts none: the tests ran in those processes)")
     if failed:
         reporter.write_line("failed files: " + " ".join(failed))
     return True
