@@ -136,11 +136,11 @@ def pytest_runtestloop(session):
     waiting = sorted(by_file, key=_file_order)
     running = {}
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    scratch = tempfile.mkdtemp(prefix="advprop-test-reports-")
+    scratch = tempfile.TemporaryDirectory(prefix="advprop-test-reports-")
     while waiting or running:
         while waiting and len(running) < parallel:
             path = waiting.pop(0)
-            reports_path = os.path.join(scratch, f"{len(running)}-{os.path.basename(path)}.jsonl")
+            reports_path = os.path.join(scratch.name, f"{len(by_file) - len(waiting)}.jsonl")
             env = dict(os.environ, **{_CHILD_ENV: "1", _REPORTS_ENV: reports_path})
             command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                        *[item.nodeid for item in by_file[path]]]
@@ -158,5 +158,9 @@ def pytest_runtestloop(session):
             summary = output.strip().splitlines()[-1] if output.strip() else "no output"
             reporter.write_line(f"{path}: {summary} ({time.monotonic() - started:.0f} s in its process)")
             _replay(session, by_file[path], reports_path, output, process.returncode)
+            if process.returncode not in (0, 1):  # interrupted, internal or usage error: not a test's failure
+                reporter.write_line(output[-20000:])
+                session.testsfailed += 1
         time.sleep(0.2)
+    scratch.cleanup()
     return True
