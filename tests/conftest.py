@@ -58,8 +58,7 @@ def trained(tmp_path_factory):
 # two at a time (the machines we test on have two cores and a test uses about one).
 # Each child writes its test reports to a file; this process replays them through
 # pytest's own hooks, so its summary, exit status and --durations count every test.
-_CHILD_ENV = "ADVPROP_TEST_CHILD"
-_REPORTS_ENV = "ADVPROP_TEST_REPORTS"
+_REPORTS_ENV = "ADVPROP_TEST_REPORTS"  # set in a child only: where it writes its reports
 # Longest first, so that two processes finish together.
 _LONGEST_FILES = ("test_xla.py", "test_training.py", "test_compare_methods.py", "test_interruptions.py",
                   "test_multi_worker.py",
@@ -77,7 +76,7 @@ def pytest_configure(config):
 def pytest_runtest_logreport(report):
     """In a child: append the report, as pytest serializes it, to the parent's file."""
     path = os.environ.get(_REPORTS_ENV)
-    if path and os.environ.get(_CHILD_ENV):
+    if path:
         import json
 
         data = _config.hook.pytest_report_to_serializable(config=_config, report=report)
@@ -120,7 +119,7 @@ def _replay(session, items, reports_path, output, returncode):
 
 
 def pytest_runtestloop(session):
-    if os.environ.get(_CHILD_ENV) or session.config.option.collectonly:
+    if os.environ.get(_REPORTS_ENV) or session.config.option.collectonly:
         return None
     by_file = {}  # a file, or the quick files together: what one process runs
     for item in session.items:
@@ -141,7 +140,7 @@ def pytest_runtestloop(session):
         while waiting and len(running) < parallel:
             path = waiting.pop(0)
             reports_path = os.path.join(scratch.name, f"{len(by_file) - len(waiting)}.jsonl")
-            env = dict(os.environ, **{_CHILD_ENV: "1", _REPORTS_ENV: reports_path})
+            env = dict(os.environ, **{_REPORTS_ENV: reports_path})
             command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                        *[item.nodeid for item in by_file[path]]]
             log = tempfile.TemporaryFile("w+")  # a pipe would block a child that prints much
