@@ -36,6 +36,7 @@ def train_tiny(method_name="advprop", steps=100, batch_size=32, lr=0.016, attack
     from advprop_tf.training.step import StepConfig, TrainStep
 
     import keras
+    import tensorflow as tf
 
     keras.utils.set_random_seed(step_kwargs.pop("random_seed", 0))
     model = model or tiny_model()
@@ -47,7 +48,7 @@ def train_tiny(method_name="advprop", steps=100, batch_size=32, lr=0.016, attack
     )
     step = TrainStep(model, get_method(method_name), optimizer, config)
     iterator = iter(synthetic_batches(batch_size, num_classes=model.num_classes))
-    step.run_loop(iterator, steps)
+    step.run_loop(iterator, tf.constant(steps))
     return model, step
 
 

@@ -53,6 +53,26 @@ def test_mirrored_loop_trains_advprop_on_two_logical_cpus(tmp_path):
     assert trainer.results["examples"] == trainer.source.num_examples("validation")
 
 
+def test_a_graph_loop_traces_the_step_once_and_sums_every_step(monkeypatch):
+    """One trace (and under XLA one compile) of the step per graph loop, not one for a first step outside it."""
+    from advprop_tf.training.step import TrainStep
+    from tests.helpers import train_tiny
+
+    traces = []
+    compute = TrainStep._compute
+
+    def counted(self, *args):
+        traces.append(1)
+        return compute(self, *args)
+
+    monkeypatch.setattr(TrainStep, "_compute", counted)
+    _, step = train_tiny("advprop", steps=3, batch_size=8)
+    assert len(traces) == 1 and step.current_step == 3
+    sums = step.run_loop(iter(synthetic_batches(8)), tf.constant(4))
+    assert len(traces) == 1 and step.current_step == 7
+    assert float(sums["examples"]) == 4 * 8 and {"clean_loss", "adv_loss", "loss"} <= set(sums)
+
+
 def test_mirrored_step_equals_default_strategy_on_the_same_global_batch():
     """Same initial weights, same global batch: two replicas == one device.
 

@@ -204,13 +204,22 @@ class TrainStep:
         return flag > 0
 
     def _run_loop(self, iterator, num_steps):
-        """Up to `num_steps` steps from a distributed iterator (fewer once a stop is requested); summed metrics."""
-        images, labels = next(iterator)
-        totals = self._one_step(images, labels)
-        for _ in tf.range(num_steps - 1):
-            if self._stop_requested():
-                break
-            images, labels = next(iterator)
+        """Up to `num_steps` steps from a distributed iterator (fewer once a stop is requested); summed metrics.
+
+        The step is traced once, as the loop's body: each step's sums are stacked in key order (known once
+        the body is traced) into a TensorArray, summed after the loop. Seeding the totals with a first step
+        outside the loop would trace, and under XLA compile, the whole step twice."""
+        keys = []
+
+        def stacked_sums(images, labels):
             sums = self._one_step(images, labels)
-            totals = {k: totals[k] + sums[k] for k in totals}
-        return totals
+            keys[:] = sorted(sums)
+            return tf.stack([tf.cast(sums[k], tf.float32) for k in keys])
+
+        per_step = tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=tf.TensorShape([None]))
+        for i in tf.range(num_steps):
+            if tf.logical_and(i > 0, self._stop_requested()):  # the first step always runs
+                break
+            per_step = per_step.write(i, stacked_sums(*next(iterator)))  # no loop variables but these two
+        totals = tf.reduce_sum(per_step.stack(), axis=0)
+        return {k: totals[j] for j, k in enumerate(keys)}
