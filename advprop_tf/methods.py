@@ -392,6 +392,7 @@ def fast_advprop(model, images, labels, ctx):
         return [("adv", ctx.adv_weight, adv_labels, model(x, training=True, domain=aux))]
 
     total, grads, _ = backward(clean_terms)
+    input_grad = None  # the gradient of the previous pass, which the next one steps along
     for i in range(num_steps):  # the attack: each of its passes' gradients is kept
         if i:
             x = sign_step(x, input_grad, cfg.step_size, lower, upper)

@@ -147,8 +147,15 @@ def test_mirrored_sync_bn_step_equals_default_strategy():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-5, err_msg=a.path)
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    straight = run_training(tiny_config(tmp_path / "straight", train_steps=4, steps_per_loop=2, export=False))
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """A finished 4-step run: the resume test's reference and the summaries test's subject."""
+    model_dir = tmp_path_factory.mktemp("straight")
+    return model_dir, run_training(tiny_config(model_dir, train_steps=4, steps_per_loop=2, export=False))
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, straight):
+    _, straight = straight
     first = run_training(tiny_config(tmp_path / "resumed", train_steps=2, steps_per_loop=2, export=False))
     assert first.train_step.current_step == 2
     resumed = run_training(tiny_config(tmp_path / "resumed", train_steps=4, steps_per_loop=2, export=False))
@@ -161,21 +168,21 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_eval_results_and_summaries_are_written(tmp_path):
-    trainer = run_training(tiny_config(tmp_path, export=False))
-    results = json.load(open(tmp_path / "eval_results.json"))
-    assert results["step"] == 6 and results["domain"] == "clean" and results["ema"] is True
+def test_eval_results_and_summaries_are_written(straight):
+    model_dir, trainer = straight
+    results = json.load(open(model_dir / "eval_results.json"))
+    assert results["step"] == 4 and results["domain"] == "clean" and results["ema"] is True
     assert 0.0 <= results["top_1"] <= results["top_5"] <= 1.0
     assert results["examples"] == trainer.source.num_examples("validation")
-    events = tf.io.gfile.glob(str(tmp_path / "train" / "events.*"))
+    events = tf.io.gfile.glob(str(model_dir / "train" / "events.*"))
     assert events
     tags = set()
     for record in tf.compat.v1.train.summary_iterator(events[0]):
         for value in record.summary.value:
             tags.add(value.tag)
     assert {"loss", "learning_rate", "images_per_second", "clean/accuracy", "adv/accuracy", "adv/loss"} <= tags
-    stats = json.load(open(tmp_path / "train_stats.json"))
-    assert stats["finished"] and stats["steps"] == stats["total_steps"] == 6
+    stats = json.load(open(model_dir / "train_stats.json"))
+    assert stats["finished"] and stats["steps"] == stats["total_steps"] == 4
     assert stats["train_seconds"] > stats["steady_seconds"] > 0 and stats["images_per_second"] > 0
 
 

@@ -74,8 +74,14 @@ def assert_close(a, b, what):
                                    err_msg=f"EMA of {path}")
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
-@pytest.mark.parametrize("case", list(CASES))
+# On one replica XLA compiles the whole replica step of every case. On two it compiles the compute part
+# only (step.py), the same code under a replica context: the cases that route the batch differently (two
+# BNs, an input view, a method that computes its own gradients) run there; the rest add compile time only.
+ON_TWO_REPLICAS = ("advprop", "n_domain", "fast_advprop")
+SHAPES = [(case, 1) for case in CASES] + [(case, 2) for case in ON_TWO_REPLICAS]
+
+
+@pytest.mark.parametrize("case, replicas", SHAPES, ids=[f"{case}-{replicas}" for case, replicas in SHAPES])
 def test_an_xla_step_equals_the_uncompiled_step(case, replicas):
     strategy = tf.distribute.get_strategy() if replicas == 1 else two_cpu_strategy()
     results = []
