@@ -28,7 +28,7 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_test_one():
 
 def test_readme_main_command_runs_to_completion(tmp_path):
     """The demo command, shortened to 20 steps (flags after --flagfile override it), trains,
-    evaluates, exports and reports progress. Its full 600-step accuracy is measured in the
+    evaluates, exports and reports progress. Its full 1000-step accuracy is measured in the
     README; that AdvProp learns the synthetic set is tests/test_methods.py's job."""
     train_part = readme_commands()[0].split("&&", 1)[1]
     args = shlex.split(train_part)
