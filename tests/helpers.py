@@ -15,6 +15,23 @@ def tiny_model(num_classes=10, domains=("clean", "adv"), **kwargs):
     )
 
 
+def small_model(num_classes=10, dropout=0.0, name="small", synchronized_bn=False):
+    """A functional Keras network with every kind of layer a conversion meets: convs, BNs (one without scale),
+    a residual add, dropout, dense logits."""
+    import keras
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, 2, padding="same", use_bias=False)(inputs)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization(synchronized=synchronized_bn, name="bn0")(x))
+    y = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(x)
+    y = keras.layers.BatchNormalization(scale=False, synchronized=synchronized_bn, name="bn1")(y)
+    x = keras.layers.ReLU()(keras.layers.Add()([x, y]))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    if dropout:
+        x = keras.layers.Dropout(dropout)(x)
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(x), name=name)
+
+
 def synthetic_batches(batch_size=32, size=32, num_classes=10, split="train", num_examples=4096, seed=0):
     """Repeating float32 batches of the built-in synthetic set."""
     import tensorflow as tf

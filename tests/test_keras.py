@@ -16,25 +16,10 @@ from advprop_tf.attacks.pgd import AttackConfig, pgd
 from advprop_tf.methods import get_method
 from advprop_tf.models.keras_conversion import ConversionError, preprocessing_of, to_multi_domain, walk
 from advprop_tf.training.keras_model import AdvPropModel
-from tests.helpers import synthetic_batches
+from tests.helpers import small_model, synthetic_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BN_KEYS = ("gamma", "beta", "moving_mean", "moving_variance")
-
-
-def small_model(num_classes=10, dropout=0.0, name="small"):
-    """A functional network with every kind of layer a conversion meets: convs, BNs (one without scale), a residual
-    add, dropout, dense logits."""
-    inputs = keras.Input((32, 32, 3))
-    x = keras.layers.Conv2D(8, 3, 2, padding="same", use_bias=False)(inputs)
-    x = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn0")(x))
-    y = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(x)
-    y = keras.layers.BatchNormalization(scale=False, name="bn1")(y)
-    x = keras.layers.ReLU()(keras.layers.Add()([x, y]))
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    if dropout:
-        x = keras.layers.Dropout(dropout)(x)
-    return keras.Model(inputs, keras.layers.Dense(num_classes)(x), name=name)
 
 
 def make_domains_differ(network, domain="adv", seed=0):

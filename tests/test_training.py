@@ -117,7 +117,7 @@ def test_mirrored_step_equals_default_strategy_on_the_same_global_batch():
 def test_mirrored_sync_bn_step_equals_default_strategy():
     """With synchronized BN, two replicas on different halves == one device on the whole batch.
 
-    A two-BN Keras network (converted to multi-domain) keeps the tracing of a step with an all-reduce in
+    The two-BN Keras network of the conversion tests keeps the tracing of a step with an all-reduce in
     every BN call short (tiny_model has ~20 BNs: 150 s on two loaded cores); EfficientNet's flag is checked
     to reach each of its BNs."""
     import keras
@@ -127,20 +127,14 @@ def test_mirrored_sync_bn_step_equals_default_strategy():
     from advprop_tf.models.keras_conversion import to_multi_domain
     from advprop_tf.training.optimization import make_optimizer, make_schedule
     from advprop_tf.training.step import StepConfig, TrainStep
-    from tests.helpers import tiny_model
+    from tests.helpers import small_model, tiny_model
 
     assert all(layer.synchronized for layer in tiny_model(synchronized_bn=True).bn_layers())
 
     def make(strategy, sync):
         with strategy.scope():
             keras.utils.set_random_seed(4)
-            inputs = keras.Input((32, 32, 3))
-            x = keras.layers.Conv2D(8, 3, 2, padding="same", use_bias=False)(inputs)
-            x = keras.layers.ReLU()(keras.layers.BatchNormalization(synchronized=sync)(x))
-            x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(x)
-            x = keras.layers.ReLU()(keras.layers.BatchNormalization(synchronized=sync)(x))
-            logits = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(x))
-            model = to_multi_domain(keras.Model(inputs, logits), input_normalization="inception")
+            model = to_multi_domain(small_model(synchronized_bn=sync), input_normalization="inception")
             assert all(layer.synchronized == sync for layer in model.bn_layers())
             optimizer = make_optimizer("rmsprop", make_schedule("constant", 0.01, 10, 10, 0), model)
             config = StepConfig(global_batch_size=16, num_classes=10,
