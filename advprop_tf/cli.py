@@ -34,19 +34,25 @@ def show_only_our_log_lines():
     """The console shows our INFO lines, not TensorFlow's (e.g. "Sharding callback duration" at
     every checkpoint, "Assets written to"). TensorFlow's C++ start-up lines printed before its
     logging is initialized cannot be silenced from Python."""
-    logging.get_absl_handler().addFilter(_OursOrWarnings())
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _OursOrWarnings) for f in handler.filters):  # once, however many commands run
+        handler.addFilter(_OursOrWarnings())
     std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
 
 
-def run(main, program: str, flag_values=flags.FLAGS):
-    """absl's app.run, with flag-parsing errors reported as one line by `fail`, and quiet logs."""
+def run(main, program: str, flag_values=flags.FLAGS, argv=None):
+    """absl's app.run (on sys.argv by default), with flag-parsing errors reported as one line by `fail`,
+    and quiet logs."""
 
     def parse(argv):
         show_only_our_log_lines()
         try:
-            return flag_values(argv)
+            parsed = flag_values(argv)
         except flags.Error as e:
             message = str(e)  # absl's message continues with the flag's help
             fail(program, message.splitlines()[0])
+        if not flags.FLAGS.is_parsed():  # a command on its own FlagValues: absl's (--run_with_pdb...) at defaults
+            flags.FLAGS.mark_as_parsed()
+        return parsed
 
-    app.run(main, flags_parser=parse)
+    app.run(main, argv=argv, flags_parser=parse)

@@ -62,16 +62,21 @@ class ServingModule(tf.Module):
         self.resolution = network.resolution
         self.assets = {name: tf.saved_model.Asset(path) for name, path in assets.items()}
         size = self.resolution
-        self.serving_default = tf.function(
+        serve_bytes = tf.function(
             self._serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")]
         )
-        self.predict_pixels = tf.function(
+        serve_pixels = tf.function(
             self._serve_pixels, input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")]
         )
+        # Traced once, here; untracked, because save would trace tracked tf.functions a second time.
+        self.__dict__["serving_signatures"] = {
+            "serving_default": serve_bytes.get_concrete_function(),
+            "predict_pixels": serve_pixels.get_concrete_function(),
+        }
         by_id = {id(v.value): v.path for v in network.variables}
         captured = {}
-        for function in (self.serving_default, self.predict_pixels):
-            for variable in function.get_concrete_function().variables:
+        for function in self.serving_signatures.values():
+            for variable in function.variables:
                 if id(variable) not in by_id:
                     raise ExportError("model_dir", f"the inference network uses a variable outside its own: "
                                       f"{variable.name}")
@@ -191,9 +196,7 @@ def export_network(trained, export_dir, domain=MAIN, version=None, class_names=N
             f.write("\n".join(class_names) + "\n")
     module = ServingModule(network, assets)
     saved = join(staging, "saved_model")
-    tf.saved_model.save(module, saved, signatures={
-        "serving_default": module.serving_default, "predict_pixels": module.predict_pixels,
-    })
+    tf.saved_model.save(module, saved, signatures=module.serving_signatures)
     # Appear under export_dir/<version> only when complete (TF Serving picks it up then).
     publish_directory(saved, target)
     tf.io.gfile.rmtree(staging)

@@ -35,14 +35,14 @@ def train_and_export(config, strategy=None):
     return trainer, path
 
 
-def main(argv):
+def main(argv, flag_values=flags.FLAGS):
     if len(argv) > 1:
         cli.fail(PROGRAM, f"unexpected arguments {argv[1:]}; flags are written --name=value")
     from advprop_tf.training.loop import NonFiniteLossError
 
     logging.get_absl_handler().python_handler.stream = sys.stdout
     try:
-        trainer, _ = train_and_export(train_flags.config_from_flags(flags.FLAGS))
+        trainer, _ = train_and_export(train_flags.config_from_flags(flag_values))
     except ConfigError as e:
         cli.fail_setting(PROGRAM, e, train_flags.flag_of)
     except NonFiniteLossError as e:
@@ -53,9 +53,10 @@ def main(argv):
               f"at step {trainer.results['step']} ({trainer.run_dir.file('eval_results.json')})")
 
 
-def run():
-    train_flags.define_train_flags()
-    cli.run(main, PROGRAM)
+def run(flag_values=flags.FLAGS, argv=None):
+    """The command line (sys.argv by default); on fresh `flag_values`, the same command in-process."""
+    train_flags.define_train_flags(flag_values)
+    cli.run(lambda args: main(args, flag_values), PROGRAM, flag_values, argv)
 
 
 if __name__ == "__main__":

@@ -63,8 +63,13 @@ _REPORTS_ENV = "ADVPROP_TEST_REPORTS"  # set in a child only: where it writes it
 _LONGEST_FILES = ("test_xla.py", "test_training.py", "test_compare_methods.py", "test_interruptions.py",
                   "test_multi_worker.py",
                   "test_efficientnet.py", "test_keras.py", "test_export.py", "test_run_dir.py")
-# Files of a few seconds each share one process (a process costs ~8 s of imports).
-_QUICK_FILES = ("test_config.py", "test_layout.py", "test_augment.py", "test_imagenet_c.py", "test_multi_bn.py")
+# Light files share a process (a process costs ~8 s of imports): those of a few seconds each, and those
+# of tiny models or of one command line each.
+_SHARED_PROCESSES = {
+    "quick files": ("test_config.py", "test_layout.py", "test_augment.py", "test_imagenet_c.py", "test_multi_bn.py"),
+    "light files": ("test_runner.py", "test_pgd.py", "test_new_method.py"),
+}
+_SHARED_BY_FILE = {name: group for group, names in _SHARED_PROCESSES.items() for name in names}
 _config = None
 
 
@@ -121,10 +126,10 @@ def _replay(session, items, reports_path, output, returncode):
 def pytest_runtestloop(session):
     if os.environ.get(_REPORTS_ENV) or session.config.option.collectonly:
         return None
-    by_file = {}  # a file, or the quick files together: what one process runs
+    by_file = {}  # a file, or a shared group of files: what one process runs
     for item in session.items:
         path = item.nodeid.split("::")[0]
-        by_file.setdefault("quick files" if os.path.basename(path) in _QUICK_FILES else path, []).append(item)
+        by_file.setdefault(_SHARED_BY_FILE.get(os.path.basename(path), path), []).append(item)
     if len(by_file) < 2:
         return None
     import subprocess

@@ -129,3 +129,17 @@ def tiny_network(num_classes=10, domains=("clean", "adv"), dropout_rate=0.2, see
 
     keras.utils.set_random_seed(seed)
     return TinyNet(num_classes=num_classes, domains=domains, input_normalization="inception").build_weights()
+
+
+def run_train_command(argv, capsys):
+    """`python -m advprop_tf.train <argv>`, in this process on fresh flags (a process would spend ~7 s on
+    imports per case): its exit status and stderr."""
+    import pytest
+    from absl import flags
+
+    from advprop_tf import train
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        train.run(flags.FlagValues(), ["advprop_tf.train", *argv])
+    return exited.value.code, capsys.readouterr().err

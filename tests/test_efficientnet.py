@@ -43,8 +43,8 @@ def test_parameter_counts_match_keras_applications(name):
         assert one.count_params() == 5_330_564
 
 
-@pytest.mark.parametrize("name", ["efficientnet-b0", "efficientnet-b2"])
-def test_each_extra_domain_adds_exactly_one_bn_per_bn_layer(name):
+def test_each_extra_domain_adds_exactly_one_bn_per_bn_layer():
+    name = "efficientnet-b0"  # (b2 added 41 s for the same rule)
     one = build_efficientnet(name, domains=("clean",))
     two = build_efficientnet(name, domains=("clean", "adv"))
     three = build_efficientnet(name, domains=("clean", "aug", "adv"))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from advprop_tf.serving import export
@@ -20,6 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TF_ONLY_READER = r"""
 import json, sys
 import numpy as np
+import pytest
 import tensorflow as tf
 assert not any(m.startswith("advprop_tf") for m in sys.modules)
 export_dir, pixels_path, jpeg_path = sys.argv[1:4]
@@ -185,7 +187,19 @@ def run_export_cli(*args):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_bad_requests_exit_2_and_overwrite_nothing(trained, tmp_path):
+def run_export_command(args, capsys):
+    """`python -m advprop_tf.export <args>` in this process, on fresh flags: its exit status and stderr."""
+    from absl import flags
+
+    from advprop_tf import export as export_command
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        export_command.run(flags.FlagValues(), ["advprop_tf.export", *args])
+    return exited.value.code, capsys.readouterr().err
+
+
+def test_bad_requests_exit_2_and_overwrite_nothing(trained, tmp_path, capsys):
     model_dir, _ = trained
     (tmp_path / "empty").mkdir()
     cases = [
@@ -196,15 +210,16 @@ def test_bad_requests_exit_2_and_overwrite_nothing(trained, tmp_path):
     before = sorted(os.listdir(model_dir / "export" / "1" / "variables"))
     stamp = os.path.getmtime(model_dir / "export" / "1" / "saved_model.pb")
     for args, message in cases:
-        result = run_export_cli(*args)
-        assert result.returncode == 2, result.stderr[-2000:]
-        lines = [l for l in result.stderr.splitlines() if l.startswith("advprop_tf.export: error:")]
-        assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+        code, stderr = run_export_command(args, capsys)
+        assert code == 2, stderr[-2000:]
+        lines = [l for l in stderr.splitlines() if l.startswith("advprop_tf.export: error:")]
+        assert len(lines) == 1 and message in lines[0], stderr[-2000:]
     assert not os.path.exists(tmp_path / "out" / "1")
     assert sorted(os.listdir(model_dir / "export" / "1" / "variables")) == before
     assert os.path.getmtime(model_dir / "export" / "1" / "saved_model.pb") == stamp
-    # a model_dir with a run config but no checkpoint
+    # a model_dir with a run config but no checkpoint; the command itself, as a process
     (tmp_path / "nockpt").mkdir()
     (tmp_path / "nockpt" / "run_config.json").write_text((model_dir / "run_config.json").read_text())
     result = run_export_cli(f"--model_dir={tmp_path / 'nockpt'}")
     assert result.returncode == 2 and "no checkpoint" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("advprop_tf.export: error: --model_dir: ")

@@ -18,10 +18,11 @@ from tests.test_training import REPO, TINY, tiny_config, weights
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    run_training(tiny_config(tmp_path, train_steps=3, export=False))
+    run_training(tiny_config(tmp_path, train_steps=3, export=False, method="vanilla"))
     checkpoints = sorted(os.listdir(tmp_path / "checkpoints"))
     with pytest.raises(NonFiniteLossError, match="not finite.*--on_nan=skip"):
-        run_training(tiny_config(tmp_path, train_steps=6, base_learning_rate=1e30, export=False))
+        run_training(tiny_config(tmp_path, train_steps=6, base_learning_rate=1e30, export=False,
+                                 method="vanilla"))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == checkpoints
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("-3")
 
@@ -64,7 +65,9 @@ def _wait_for_checkpoint(model_dir, proc, timeout=240):
 
 def test_sigkill_mid_run_then_restart_finishes_at_train_steps(tmp_path):
     model_dir = str(tmp_path)
-    cmd = _train_cmd(model_dir, "--train_steps=40", "--steps_per_loop=1", "--checkpoint_every_steps=1", "--export=false")
+    # vanilla: what is tested is the run's survival, not the method (a cheaper step to trace, twice)
+    cmd = _train_cmd(model_dir, "--method=vanilla", "--train_steps=40", "--steps_per_loop=1",
+                     "--checkpoint_every_steps=1", "--export=false")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert _wait_for_checkpoint(model_dir, proc)
     time.sleep(0.7)  # kill at an arbitrary point, possibly while a checkpoint is being written
@@ -72,7 +75,8 @@ def test_sigkill_mid_run_then_restart_finishes_at_train_steps(tmp_path):
     proc.wait()
     killed_at = int(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).rsplit("-", 1)[1])
     assert 0 < killed_at < 40
-    done = subprocess.run(_train_cmd(model_dir, "--train_steps=40", "--steps_per_loop=20", "--checkpoint_every_steps=20", "--export=false"),
+    done = subprocess.run(_train_cmd(model_dir, "--method=vanilla", "--train_steps=40", "--steps_per_loop=20",
+                                     "--checkpoint_every_steps=20", "--export=false"),
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.load(open(tmp_path / "eval_results.json"))["step"] == 40
@@ -115,7 +119,7 @@ def test_the_corrupt_image_count_survives_a_resume_and_does_not_grow_with_epochs
 
     images = corrupt_folder(tmp_path / "images")
     config = dict(dataset=f"folder:{images}", train_batch_size=2, steps_per_loop=3, checkpoint_every_steps=9,
-                  export=False)
+                  export=False, method="vanilla")
     trained = run_training(tiny_config(tmp_path / "run", train_steps=9, **config))  # three passes
     assert int(trained.inputs.decode_stats.skipped.numpy()) == 2
     resumed = Trainer(tiny_config(tmp_path / "run", train_steps=12, **config))
@@ -153,12 +157,13 @@ def test_skipping_in_float32_never_shrinks_a_scale_so_later_steps_still_update()
 def test_a_damaged_newest_checkpoint_falls_back_to_an_older_one_and_the_run_goes_on(tmp_path, caplog):
     from advprop_tf.training.run_dir import RunDirError
 
-    run_training(tiny_config(tmp_path, train_steps=4, steps_per_loop=2, checkpoint_every_steps=2, export=False))
+    run_training(tiny_config(tmp_path, train_steps=4, steps_per_loop=2, checkpoint_every_steps=2, export=False,
+                             method="vanilla"))
     data = tmp_path / "checkpoints" / "ckpt-4.data-00000-of-00001"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # a partial copy, a full disk
     with caplog.at_level("WARNING"):
         trainer = Trainer(tiny_config(tmp_path, train_steps=6, steps_per_loop=2, checkpoint_every_steps=2,
-                                      export=False))
+                                      export=False, method="vanilla"))
         assert trainer.restore() == 2
     assert "skipping checkpoint" in caplog.text and "ckpt-4" in caplog.text
     trainer.results = trainer.run()
@@ -167,5 +172,5 @@ def test_a_damaged_newest_checkpoint_falls_back_to_an_older_one_and_the_run_goes
     for index in (tmp_path / "checkpoints").glob("ckpt-*.index"):
         index.write_bytes(b"damaged")
     with pytest.raises(RunDirError, match=r"^model_dir: none of the \d checkpoints .* restores"):
-        Trainer(tiny_config(tmp_path, train_steps=8, export=False)).restore()
+        Trainer(tiny_config(tmp_path, train_steps=8, export=False, method="vanilla")).restore()
 

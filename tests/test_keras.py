@@ -16,7 +16,7 @@ from advprop_tf.attacks.pgd import AttackConfig, pgd
 from advprop_tf.methods import get_method
 from advprop_tf.models.keras_conversion import ConversionError, preprocessing_of, to_multi_domain, walk
 from advprop_tf.training.keras_model import AdvPropModel
-from tests.helpers import small_model, synthetic_batches
+from tests.helpers import run_train_command, small_model, synthetic_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BN_KEYS = ("gamma", "beta", "moving_mean", "moving_variance")
@@ -208,7 +208,7 @@ def test_fit_under_mirrored_strategy_and_the_main_bn_saved_model(tmp_path):
                                model.predict(x, verbose=0), atol=1e-5)
 
 
-def test_the_cli_trains_evaluates_and_exports_a_keras_application(tmp_path):
+def test_the_cli_trains_evaluates_and_exports_a_keras_application(tmp_path, capsys):
     """--model=keras:MobileNetV2 with --keras_weights=<a file of that network> (a download is not possible here)."""
     keras.utils.set_random_seed(0)
     base = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg")
@@ -236,9 +236,8 @@ def test_the_cli_trains_evaluates_and_exports_a_keras_application(tmp_path):
     # the weight file's values reached the network (the BN statistics set above, before the 2 steps)
     reader = tf.train.load_checkpoint(str(model_dir / "checkpoints" / "ckpt-2"))
     assert any(k.startswith("model_weights") for k in reader.get_variable_to_shape_map())
-    bad = subprocess.run([sys.executable, "-m", "advprop_tf.train", f"--model_dir={tmp_path / 'x'}",
-                          "--model=keras:NoSuchNet"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--model: keras.applications has no 'NoSuchNet'" in bad.stderr
+    code, stderr = run_train_command([f"--model_dir={tmp_path / 'x'}", "--model=keras:NoSuchNet"], capsys)
+    assert code == 2 and "--model: keras.applications has no 'NoSuchNet'" in stderr
 
 
 def test_a_keras_hub_backbone_from_a_preset_directory_converts_and_trains(tmp_path):

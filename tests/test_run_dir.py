@@ -50,14 +50,16 @@ def test_publish_directory_on_the_in_memory_filesystem():
 def test_resume_with_a_changed_meaning_flag_is_refused_before_anything_is_written(tmp_path):
     from advprop_tf.training.loop import Trainer, run_training
 
-    run_training(tiny_config(tmp_path, train_steps=2, steps_per_loop=2, export=False))
+    vanilla = dict(method="vanilla")  # the flags are the point here, not the method: a cheaper step
+
+    run_training(tiny_config(tmp_path, train_steps=2, steps_per_loop=2, export=False, **vanilla))
     config_before = (tmp_path / "run_config.json").read_text()
     with pytest.raises(RunDirError, match=r"^train_batch_size: .* was started with 8, not 16; .*--allow_config_change"):
-        Trainer(tiny_config(tmp_path, train_batch_size=16, train_steps=4))
+        Trainer(tiny_config(tmp_path, train_batch_size=16, train_steps=4, **vanilla))
     with pytest.raises(RunDirError, match=r"^aux_domains: .* was started with adv, not autoaugment,adv"):
-        Trainer(tiny_config(tmp_path, aux_domains=["autoaugment", "adv"], train_steps=4))
+        Trainer(tiny_config(tmp_path, aux_domains=["autoaugment", "adv"], train_steps=4, **vanilla))
     # the command line: exit 2 with one line naming the flag
-    args = [f"--{k}={v}" for k, v in TINY.items()]
+    args = [f"--{k}={v}" for k, v in TINY.items()] + ["--method=vanilla"]
     again = subprocess.run([sys.executable, "-m", "advprop_tf.train", f"--model_dir={tmp_path}", *args,
                             "--train_steps=4", "--train_batch_size=16"], cwd=REPO, capture_output=True,
                            text=True, timeout=300)
@@ -69,7 +71,7 @@ def test_resume_with_a_changed_meaning_flag_is_refused_before_anything_is_writte
     assert json.loads(config_before)["flags"]["train_batch_size"] == 8
     # Explicitly allowed: the run goes on and the record follows the new value.
     run_training(tiny_config(tmp_path, train_batch_size=16, train_steps=3, steps_per_loop=1,
-                             allow_config_change=True, export=False))
+                             allow_config_change=True, export=False, **vanilla))
     assert RunDir(str(tmp_path)).read_run_config()["flags"]["train_batch_size"] == 16
 
 
@@ -91,7 +93,7 @@ def test_checkpoints_and_evaluations_fall_on_exact_step_boundaries(tmp_path):
     from advprop_tf.training.loop import run_training
 
     run_training(tiny_config(tmp_path, train_steps=8, steps_per_loop=4, checkpoint_every_steps=3,
-                             eval_every_steps=5, keep_checkpoints=10, eval_steps=1, export=False))
+                             eval_every_steps=5, keep_checkpoints=10, eval_steps=1, export=False, method="vanilla"))
     assert _checkpoint_steps(tmp_path) == [3, 6, 8]
     assert _summary_steps(tmp_path / "eval", "top_1") == [5, 8]
     assert _summary_steps(tmp_path / "train", "loss") == [3, 5, 6, 8]
@@ -124,7 +126,7 @@ def test_a_bfloat16_run_exports_a_float32_saved_model(tmp_path):
     from tests.test_export import training_model_logits
 
     trainer, export_path = train_and_export(tiny_config(tmp_path, train_steps=1, steps_per_loop=1,
-                                                        mixed_precision="bfloat16"))
+                                                        mixed_precision="bfloat16", method="vanilla"))
     proto = saved_model_pb2.SavedModel()
     proto.ParseFromString(tf.io.gfile.GFile(os.path.join(export_path, "saved_model.pb"), "rb").read())
     graph = proto.meta_graphs[0].graph_def

@@ -12,7 +12,7 @@ import tensorflow as tf
 from advprop_tf.train_flags import make_config
 from advprop_tf.errors import ConfigError
 from advprop_tf.training.loop import Trainer, run_training
-from tests.helpers import synthetic_batches, two_cpu_strategy
+from tests.helpers import run_train_command, synthetic_batches, two_cpu_strategy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -210,26 +210,31 @@ BAD_FLAGS = [
 
 
 @pytest.mark.parametrize("extra,message", [b for b in BAD_FLAGS if b[1]])
-def test_bad_flags_exit_2_with_one_line(tmp_path, extra, message):
-    result = subprocess.run(
-        [sys.executable, "-m", "advprop_tf.train", f"--model_dir={tmp_path}", *extra],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [l for l in result.stderr.splitlines() if l.startswith("advprop_tf.train: error:")]
-    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+def test_bad_flags_exit_2_with_one_line(tmp_path, extra, message, capsys):
+    code, stderr = run_train_command([f"--model_dir={tmp_path}", *extra], capsys)
+    assert code == 2, stderr[-2000:]
+    lines = [l for l in stderr.splitlines() if l.startswith("advprop_tf.train: error:")]
+    assert len(lines) == 1 and message in lines[0], stderr[-2000:]
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
-def test_empty_folder_source_exits_2(tmp_path):
-    (tmp_path / "images").mkdir()
+def test_the_command_itself_exits_2_with_one_line_naming_the_flag(tmp_path):
+    """The installed entry point, as a process: the same one line, and status 2."""
     result = subprocess.run(
-        [sys.executable, "-m", "advprop_tf.train", f"--model_dir={tmp_path / 'run'}",
-         f"--dataset=folder:{tmp_path / 'images'}"],
+        [sys.executable, "-m", "advprop_tf.train", f"--model_dir={tmp_path}", "--epsilon=-1"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
-    assert result.returncode == 2
-    assert "has no class sub-folders" in result.stderr
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == "advprop_tf.train: error: --epsilon: must be >= 0, got -1"
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_empty_folder_source_exits_2(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    code, stderr = run_train_command([f"--model_dir={tmp_path / 'run'}", f"--dataset=folder:{tmp_path / 'images'}"],
+                                     capsys)
+    assert code == 2
+    assert "has no class sub-folders" in stderr
 
 
 def test_batch_not_divisible_by_replicas(tmp_path):

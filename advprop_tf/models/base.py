@@ -173,8 +173,15 @@ class MultiDomainNetwork(keras.Model):
         model.build_weights()
         return model
 
+    def build(self, input_shape=None):
+        """Create every variable by running `call` once, eagerly, on a tiny batch (weights do not depend on
+        size). Keras' default build traces the whole network into a scratch graph instead: 4-5x slower (an
+        EfficientNet-B5 took 28 s to build that way)."""
+        with tf.init_scope():  # eager even when the first call is traced
+            self.call(tf.zeros([1, 32, 32, 3]), training=False)
+
     def build_weights(self):
-        """Create every variable with one tiny forward pass (weights do not depend on size)."""
+        """Every variable, created now rather than at the first call."""
         if not self.built or not self.weights:
-            self(tf.zeros([1, 32, 32, 3]), training=False)
+            self.build((None, 32, 32, 3))
         return self
