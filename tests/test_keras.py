@@ -228,11 +228,19 @@ def test_the_cli_trains_evaluates_and_exports_a_keras_application(tmp_path, caps
     run = json.load(open(model_dir / "run_config.json"))
     assert run["model"]["model_name"] == "keras:MobileNetV2" and run["model"]["input_normalization"] == "inception"
     assert os.path.exists(model_dir / "export" / "1" / "saved_model.pb")
-    evaluated = subprocess.run([sys.executable, "-m", "advprop_tf.evaluate", f"--model_dir={model_dir}",
-                                "--domain=adv", "--batch_size=32", "--max_batches=1"],
-                               cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert "clean top-1" in evaluated.stdout
+    # the evaluate command's library (its process is tested in test_evaluate), through the adversarial BN
+    from absl import flags
+
+    from advprop_tf import evaluate as evaluate_cli
+    from advprop_tf.domains import CLEAN_IMAGES
+    from advprop_tf.evaluation import results_table
+
+    fv = flags.FlagValues()
+    evaluate_cli.define_flags(fv)
+    fv(["evaluate", f"--model_dir={model_dir}", "--domain=adv", "--batch_size=32", "--max_batches=1"])
+    evaluated, _ = evaluate_cli.run(fv, log=lambda line: None)
+    assert evaluated["classifier"]["domain"] == "adv" and 0 < evaluated["examples"] <= 32
+    assert 0 <= evaluated[CLEAN_IMAGES]["top_1"] <= 1 and "clean top-1" in results_table(evaluated)
     # the weight file's values reached the network (the BN statistics set above, before the 2 steps)
     reader = tf.train.load_checkpoint(str(model_dir / "checkpoints" / "ckpt-2"))
     assert any(k.startswith("model_weights") for k in reader.get_variable_to_shape_map())
