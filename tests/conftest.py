@@ -14,6 +14,8 @@ import keras  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from tests.helpers import STARTED_PROCESSES_SITE  # noqa: E402
+
 # Must happen before TensorFlow initializes its devices.
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
@@ -21,8 +23,11 @@ tf.config.set_logical_device_configuration(
 )
 # Grappler's graph rewrites preserve results but cost seconds on every first call of a
 # new graph (~40% of a tiny training run here), and the tests trace many graphs that
-# each run a few steps. Command lines the tests start as processes keep them.
+# each run a few steps. The processes the tests start turn them off too (a sitecustomize
+# on their PYTHONPATH), except the README's command (test_readme.py), run as a user runs it.
 tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+if STARTED_PROCESSES_SITE not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [STARTED_PROCESSES_SITE, os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,10 @@
 """Small builders shared by the tests."""
 
 import functools
+import os
+
+# on the PYTHONPATH of the processes the tests start: its sitecustomize turns Grappler off (conftest.py)
+STARTED_PROCESSES_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "started_processes")
 
 
 def tiny_model(num_classes=10, domains=("clean", "adv"), **kwargs):

@@ -75,9 +75,10 @@ def assert_close(a, b, what):
 
 
 # On one replica XLA compiles the whole replica step of every case. On two it compiles the compute part
-# only (step.py), the same code under a replica context: the cases that route the batch differently (two
-# BNs, an input view, a method that computes its own gradients) run there; the rest add compile time only.
-ON_TWO_REPLICAS = ("advprop", "n_domain", "fast_advprop")
+# only (step.py), the same code under a replica context: the cases that route the batch differently run
+# there (n_domain: several BNs and an input view; fast_advprop: a method that computes its own gradients);
+# the rest add compile time only.
+ON_TWO_REPLICAS = ("n_domain", "fast_advprop")
 SHAPES = [(case, 1) for case in CASES] + [(case, 2) for case in ON_TWO_REPLICAS]
 
 
