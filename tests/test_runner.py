@@ -11,7 +11,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_the_parent_counts_each_childs_tests_and_a_dead_child_fails_its_unreported_tests(tmp_path):
     suite = tmp_path / "tests"
     suite.mkdir()
-    shutil.copy(os.path.join(REPO, "tests", "conftest.py"), suite / "conftest.py")
+    for name in ("conftest.py", "helpers.py"):  # the runner as it is, with what it imports
+        shutil.copy(os.path.join(REPO, "tests", name), suite / name)
     (suite / "__init__.py").write_text("")
     (suite / "test_a.py").write_text("def test_ok():\n    pass\n\n\ndef test_bad():\n    assert 1 == 2, 'one is not two'\n")
     (suite / "test_b.py").write_text("import os\n\n\ndef test_first():\n    pass\n\n\n"
