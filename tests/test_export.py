@@ -12,7 +12,7 @@ import tensorflow as tf
 from advprop_tf.serving import export
 from advprop_tf.training.run_dir import RunDir
 from advprop_tf.models import build_efficientnet
-from advprop_tf.models.efficientnet import EfficientNet
+from advprop_tf.models.registry import model_from_config
 from advprop_tf.training.ema import ExponentialMovingAverage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +60,7 @@ def training_model_logits(model_dir, pixels, domain):
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
-        model = EfficientNet.from_config(RunDir(str(model_dir)).read_run_config()["model"])
+        model = model_from_config(RunDir(str(model_dir)).read_run_config()["model"])
     finally:
         keras.mixed_precision.set_global_policy(previous)
     ema = ExponentialMovingAverage(model)
