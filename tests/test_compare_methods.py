@@ -56,9 +56,9 @@ def test_compare_methods_names_a_bad_method(tmp_path):
 
 def test_seeds_and_an_equal_time_budget(tmp_path):
     """Each method trains budget / (its measured s/step) steps, once per seed; the table gives mean ± std."""
-    overrides = ["--model=resnet-50", "--synthetic_examples=64", "--width_coefficient=0.25", "--depth_coefficient=0.25",
-                 "--resolution=32", "--train_batch_size=10", "--eval_batch_size=32", "--export=false",
-                 "--steps_per_loop=4"]
+    overrides = ["--model=resnet-50", "--synthetic_examples=64", "--width_coefficient=0.25",
+                 "--depth_coefficient=0.25", "--resolution=32", "--train_batch_size=10", "--eval_batch_size=32",
+                 "--export=false", "--steps_per_loop=4"]
     cmd = [sys.executable, "tools/compare_methods.py", "--config=configs/demo.flags",
            *[f"--override={o}" for o in overrides], f"--output_dir={tmp_path}", "--corruptions=contrast",
            "--severities=1", "--eval_max_batches=1", "--eval_batch_size=16", "--methods=vanilla,advprop",

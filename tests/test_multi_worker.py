@@ -28,11 +28,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = [
     "--model=resnet-50", "--dataset=synthetic", "--synthetic_examples=64", "--width_coefficient=0.25",
-    "--depth_coefficient=0.25",
-    "--resolution=32", "--train_batch_size=8", "--eval_batch_size=16", "--steps_per_loop=1",
-    "--optimizer=sgd", "--lr_schedule=constant", "--base_learning_rate=0.1", "--warmup_epochs=0",
-    "--seed=5", "--ema_decay=0.9", "--shuffle_buffer=16",
-    "--epsilon=1", "--checkpoint_every_steps=2", "--keep_checkpoints=10",
+    "--depth_coefficient=0.25", "--resolution=32", "--train_batch_size=8", "--eval_batch_size=16",
+    "--steps_per_loop=1", "--optimizer=sgd", "--lr_schedule=constant", "--base_learning_rate=0.1",
+    "--warmup_epochs=0", "--seed=5", "--ema_decay=0.9", "--shuffle_buffer=16", "--epsilon=1",
+    "--checkpoint_every_steps=2", "--keep_checkpoints=10",
 ]
 
 
