@@ -3,8 +3,8 @@
 One method, the two-stage recipe (the other methods train as the single stages do), keeps the
 suite short; vanilla, mixed, adversarial and AdvProp ran end to end in the Imagenette experiment
 (docs/imagenette_comparison.md), and each method's objective is tested in test_methods.py.
-The runs train a reduced ResNet-50 (5 blocks), whose step traces in about half the reduced EfficientNet's
-time: the tool is the subject here, not the network.
+The runs train a reduced ResNet-50 (5 blocks), which costs less to trace than the reduced EfficientNet
+(this file took 126 s alone with it): the tool is the subject here, not the network.
 """
 
 import json
