@@ -35,6 +35,20 @@ def fold_in(seed, salt: int):
     return tf.stack([seed[0], seed[1] * 7919 + tf.constant(salt % (2**31 - 1), tf.int32)])
 
 
+REPLICA_STRIDE = 1_000_003  # odd: multiplying by it is a bijection of int32, so each replica gets its own word
+
+
+def replica_seed(seed, counter, replica):
+    """The seed pair of one replica at one step (or batch): (seed + REPLICA_STRIDE x replica, counter).
+
+    Distinct for every (replica, counter) of a run, by construction: the first word is a bijection of the
+    replica id (int32 arithmetic wraps), the second is the counter. Replica 0 keeps (seed, counter), so one
+    device draws what it always drew. (Packing both into one word, counter x 1024 + replica, repeated
+    draws beyond 1024 replicas.)"""
+    first = tf.constant(seed, tf.int32) + tf.constant(REPLICA_STRIDE, tf.int32) * tf.cast(replica, tf.int32)
+    return tf.stack([first, tf.cast(counter, tf.int32)], axis=-1)
+
+
 def random_bits(shape, seed):
     """int32 random bits, identical with and without XLA."""
     return tf.random.stateless_uniform(shape, _pair(seed), minval=None, maxval=None, dtype=tf.int32,

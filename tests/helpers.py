@@ -7,6 +7,14 @@ import os
 STARTED_PROCESSES_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "started_processes")
 
 
+def as_users_run_it(**extra):
+    """The environment of a command run as a user runs it: Grappler's rewrites on (without the sitecustomize that
+    turns them off for the tests' other processes). For the end-to-end paths: the README's command, a CLI
+    training, evaluation and export, XLA, two workers."""
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != STARTED_PROCESSES_SITE]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), **extra}
+
+
 def tiny_model(num_classes=10, domains=("clean", "adv"), **kwargs):
     """A reduced B0 (few channels, one block per stage) for fast tests."""
     from advprop_tf.models import build_efficientnet
@@ -135,7 +143,7 @@ def tiny_network(num_classes=10, domains=("clean", "adv"), dropout_rate=0.2, see
     return TinyNet(num_classes=num_classes, domains=domains, input_normalization="inception").build_weights()
 
 
-def run_train_command(argv, capsys):
+def run_train_command(argv, capsys, with_stdout=False):
     """`python -m advprop_tf.train <argv>`, in this process on fresh flags (a process would spend ~7 s on
     imports per case): its exit status and stderr."""
     import pytest
@@ -146,4 +154,5 @@ def run_train_command(argv, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit) as exited:
         train.run(flags.FlagValues(), ["advprop_tf.train", *argv])
-    return exited.value.code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return (exited.value.code, captured.err, captured.out) if with_stdout else (exited.value.code, captured.err)

@@ -24,6 +24,7 @@ from advprop_tf.evaluation import (
 )
 from advprop_tf.attacks.pgd import AttackConfig
 from advprop_tf.serving import export
+from tests.helpers import as_users_run_it
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -241,3 +242,19 @@ def test_the_tfds_backend_evaluates_each_prepared_corrupted_dataset(trained, tmp
     assert set(results["corruptions"]) == {"gaussian_noise", "contrast"}
     assert all(0 <= a <= 1 for v in results["corruptions"].values() for a in v["accuracy"].values())
     assert "mce" not in results  # 2 of 15 corruptions: no mCE is claimed
+
+
+def test_the_evaluate_command_as_a_user_runs_it_gives_the_librarys_numbers(trained, tmp_path):
+    """`python -m advprop_tf.evaluate` in its own process with Grappler's rewrites on (as users run it; the
+    in-process tests run without them): clean and PGD accuracy equal the library's on the same images."""
+    model_dir, _ = trained
+    args = [f"--model_dir={model_dir}", "--attack=pgd", "--epsilon=2", "--num_steps=2", "--max_batches=2",
+            "--batch_size=32"]
+    result = subprocess.run([sys.executable, "-m", "advprop_tf.evaluate", *args, f"--output={tmp_path / 'cli.json'}"],
+                            capture_output=True, text=True, cwd=REPO, env=as_users_run_it(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from_cli = json.load(open(tmp_path / "cli.json"))
+    in_process, _ = evaluate_cli.run(cli_flags(*args, f"--output={tmp_path / 'lib.json'}"), log=lambda line: None)
+    assert from_cli["examples"] == in_process["examples"] == 64
+    assert from_cli["clean"] == pytest.approx(in_process["clean"], abs=1e-9)
+    assert from_cli["pgd"]["accuracy"] == pytest.approx(in_process["pgd"]["accuracy"], abs=1e-9)

@@ -14,6 +14,7 @@ from advprop_tf.training.run_dir import RunDir
 from advprop_tf.models import build_efficientnet
 from advprop_tf.models.registry import model_from_config
 from advprop_tf.training.ema import ExponentialMovingAverage
+from tests.helpers import as_users_run_it
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,7 +185,7 @@ def test_tf_servings_view_of_the_export_with_tensorflows_own_tool(trained, tmp_p
 
 def run_export_cli(*args):
     return subprocess.run([sys.executable, "-m", "advprop_tf.export", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=as_users_run_it())
 
 
 def run_export_command(args, capsys):

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from advprop_tf.train import RESTART_EXIT_CODE
 from advprop_tf.training.loop import NonFiniteLossError, Trainer, run_training
-from tests.helpers import synthetic_batches
+from tests.helpers import as_users_run_it, synthetic_batches
 from tests.test_training import REPO, TINY, tiny_config, weights
 
 
@@ -86,12 +87,13 @@ def test_sigkill_mid_run_then_restart_finishes_at_train_steps(tmp_path):
 
 def test_a_sigterm_stops_the_running_host_loop_and_the_rerun_ends_at_train_steps(tmp_path):
     """SIGTERM in the middle of one long host loop (--steps_per_loop=100, the whole run): the loop stops after the
-    current step, the checkpoint is of that step (before the loop's end), the process exits 0, and the same
-    command resumes from it and ends at --train_steps exactly."""
+    current step, the checkpoint is of that step (before the loop's end), the process exits with the restart code
+    (not 0: a scheduler would take the run for finished) after a line naming that checkpoint, and the same
+    command resumes from it and ends at --train_steps exactly, with 0."""
     model_dir = str(tmp_path)
     args = ["--train_steps=100", "--steps_per_loop=100", "--checkpoint_every_steps=100", "--export=false"]
     proc = subprocess.Popen(_train_cmd(model_dir, *args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, env=as_users_run_it())
     deadline = time.time() + 240
     while time.time() < deadline:
         line = proc.stdout.readline()
@@ -102,13 +104,18 @@ def test_a_sigterm_stops_the_running_host_loop_and_the_rerun_ends_at_train_steps
     signalled = time.time()
     output = proc.communicate(timeout=600)[0]  # generous: two test files share the two cores
     seconds_to_exit = time.time() - signalled
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == RESTART_EXIT_CODE, output[-3000:]
     assert "SIGTERM: saved" in output and "stopping after the current step" in output
     saved = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
     stopped_at = int(saved.rsplit("-", 1)[1])
+    assert output.rstrip().splitlines()[-1] == (
+        f"advprop_tf.train: stopped before --train_steps (SIGTERM at step {stopped_at} of 100). Rerunning the same "
+        f"command resumes from {saved} in --model_dir={model_dir}; on several workers, restart every worker with "
+        f"the same command. Exit {RESTART_EXIT_CODE}.")
     assert 1 <= stopped_at < 100, output[-3000:]
     print(f"SIGTERM acted on at step {stopped_at} of the 100-step host loop; exited {seconds_to_exit:.1f} s later")
-    rerun = subprocess.run(_train_cmd(model_dir, *args), cwd=REPO, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(_train_cmd(model_dir, *args), cwd=REPO, capture_output=True, text=True, timeout=600,
+                           env=as_users_run_it())
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"at step {stopped_at}" in rerun.stdout + rerun.stderr  # resumed from it
     assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).endswith("-100")

@@ -16,7 +16,7 @@ from advprop_tf.attacks.pgd import AttackConfig, pgd
 from advprop_tf.methods import get_method
 from advprop_tf.models.keras_conversion import ConversionError, preprocessing_of, to_multi_domain, walk
 from advprop_tf.training.keras_model import AdvPropModel
-from tests.helpers import run_train_command, small_model, synthetic_batches
+from tests.helpers import as_users_run_it, run_train_command, small_model, synthetic_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BN_KEYS = ("gamma", "beta", "moving_mean", "moving_variance")
@@ -155,9 +155,11 @@ class _Interrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt(f"interrupted after {self.at} steps")
 
 
-def test_backup_and_restore_resumes_an_interrupted_epoch_exactly(tmp_path):
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_backup_and_restore_resumes_an_interrupted_epoch_exactly(tmp_path, steps_per_execution):
     """2 epochs of 4 steps, interrupted after step 6 (inside epoch 2): the rerun ends with the weights of an
-    uninterrupted fit. ModelCheckpoint and TensorBoard run alongside."""
+    uninterrupted fit, also when one call of Keras' train function runs 2 steps (it skips 2 batches a call).
+    ModelCheckpoint and TensorBoard run alongside."""
     data = tf.data.Dataset.from_tensor_slices(
         tuple(np.stack(t) for t in zip(*synthetic_batches(8).take(4)))).unbatch().batch(8)
 
@@ -165,7 +167,7 @@ def test_backup_and_restore_resumes_an_interrupted_epoch_exactly(tmp_path):
         keras.utils.set_random_seed(0)
         m = AdvPropModel(to_multi_domain(small_model(dropout=0.3), input_normalization="inception"),
                          attack=AttackConfig(epsilon=2, num_steps=1, step_size=2, random_start=True), seed=1)
-        m.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+        m.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), steps_per_execution=steps_per_execution)
         return m
 
     straight = model()
@@ -175,7 +177,7 @@ def test_backup_and_restore_resumes_an_interrupted_epoch_exactly(tmp_path):
                  keras.callbacks.ModelCheckpoint(str(tmp_path / "last.weights.h5"), save_weights_only=True)]
     interrupted = model()
     with pytest.raises(KeyboardInterrupt):
-        interrupted.fit(data, epochs=2, verbose=0, callbacks=callbacks + [_Interrupt(6)])
+        interrupted.fit(data, epochs=2, verbose=0, callbacks=callbacks + [_Interrupt(6 // steps_per_execution)])
     assert interrupted.steps_done == 6
     resumed = model()
     resumed.fit(data, epochs=2, verbose=0, callbacks=callbacks)
@@ -183,6 +185,64 @@ def test_backup_and_restore_resumes_an_interrupted_epoch_exactly(tmp_path):
     for a, b in zip(straight.network.weights, resumed.network.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
     assert tf.io.gfile.glob(str(tmp_path / "tb" / "train" / "events.*")) and os.path.exists(tmp_path / "last.weights.h5")
+
+
+def test_weights_load_before_compile_and_sample_weights_are_refused(tmp_path):
+    """load_weights() on a new AdvPropModel before compile() (a Keras user's order) restores the weights and the
+    step counter; fit() refuses sample weights with a sentence instead of ignoring them."""
+    def model():
+        keras.utils.set_random_seed(0)
+        return AdvPropModel(to_multi_domain(small_model(), input_normalization="inception"),
+                            attack=AttackConfig(epsilon=1, num_steps=1))
+
+    trained = model()
+    trained.compile(optimizer=keras.optimizers.SGD(0.05))
+    trained.fit(synthetic_batches(8).take(2), epochs=1, verbose=0)
+    trained.save_weights(tmp_path / "trained.weights.h5")
+    loaded = model()
+    loaded.load_weights(tmp_path / "trained.weights.h5")
+    assert loaded.steps_done == 2
+    for a, b in zip(trained.network.weights, loaded.network.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    loaded.compile(optimizer=keras.optimizers.SGD(0.05))
+    loaded.fit(synthetic_batches(8).take(1), epochs=1, verbose=0)
+    assert loaded.steps_done == 3
+    weighted = synthetic_batches(8).take(1).map(lambda x, y: (x, y, tf.ones_like(y, tf.float32)))
+    with pytest.raises(ValueError, match="takes no sample_weight or class_weight"):
+        loaded.fit(weighted, epochs=1, verbose=0)
+
+
+def test_the_conversion_keeps_a_frozen_bn_frozen_and_its_regularizers_constraints_and_dtype_policy():
+    """A fine-tuning recipe's frozen BN (trainable=False) stays frozen: inference statistics in training mode and
+    no update from a fit step; a BN's gamma regularizer reaches the training loss, its constraint clips, its
+    dtype policy stays."""
+    keras.utils.set_random_seed(0)
+    original = small_model()
+    frozen = original.get_layer("bn0")
+    frozen.trainable = False
+    regularized = original.get_layer("bn1")
+    regularized.beta_regularizer = keras.regularizers.L2(0.5)
+    regularized.beta_constraint = keras.constraints.MaxNorm(0.01)
+    frozen.moving_mean.assign(np.full(8, 0.3, np.float32))
+    network = to_multi_domain(original, input_normalization="inception")
+    bn0, bn1 = network.bn_layers()
+    assert not bn0.trainable and bn1.trainable and bn0.dtype_policy.name == frozen.dtype_policy.name
+    assert bn1.beta_regularizer is not None and isinstance(bn1.beta_constraint, keras.constraints.MaxNorm)
+    pixels = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(network(pixels, training=True).numpy(), original(pixels / 127.5 - 1, training=True),
+                               atol=5e-4 * np.abs(original(pixels / 127.5 - 1, training=True)).max())
+    assert not any(v is w for layer in (bn0,) for d in bn0.domains for v in layer.domain_variables(d).values()
+                   for w in network.trainable_variables)
+    model = AdvPropModel(network, attack=AttackConfig(epsilon=1, num_steps=1))
+    model.compile(optimizer=keras.optimizers.SGD(0.5))
+    for domain in bn1.domains:  # a beta far from 0: its L2 penalty and max-norm constraint must show
+        bn1.domain_variables(domain)["beta"].assign(np.full(8, 0.2, np.float32))
+    assert float(sum(network.losses)) == pytest.approx(2 * 0.5 * 8 * 0.2**2, rel=1e-5)  # both domains' betas
+    model.fit(synthetic_batches(8).take(1), epochs=1, verbose=0)
+    for domain in bn0.domains:
+        np.testing.assert_array_equal(bn0.domain_variables(domain)["moving_mean"].numpy(), np.full(8, 0.3, np.float32))
+    for domain in bn1.domains:
+        assert np.linalg.norm(bn1.domain_variables(domain)["beta"].numpy()) <= 0.01 + 1e-6
 
 
 def test_fit_under_mirrored_strategy_and_the_main_bn_saved_model(tmp_path):
@@ -197,8 +257,12 @@ def test_fit_under_mirrored_strategy_and_the_main_bn_saved_model(tmp_path):
     history = model.fit(synthetic_batches(16).take(3), epochs=1, verbose=0)
     assert {"clean_acc", "noisy_acc", "adv_acc", "loss"} <= set(history.history)
     assert model.steps_done == 3
-    scores = model.evaluate(synthetic_batches(16, split="validation", num_examples=32), verbose=0, return_dict=True)
-    assert set(scores) == {"loss", "accuracy"} and 0 <= scores["accuracy"] <= 1
+    validation = synthetic_batches(16, split="validation", num_examples=32)
+    scores = model.evaluate(validation, verbose=0, return_dict=True)
+    assert set(scores) == {"loss", "accuracy"}
+    images, labels = (np.concatenate(t) for t in zip(*[(x.numpy(), y.numpy()) for x, y in validation]))
+    predicted = np.argmax(model.predict(images, verbose=0), -1)  # the main BN, as evaluate() is
+    assert scores["accuracy"] == pytest.approx(np.mean(predicted == labels), abs=1e-6)
     path = export_network(network, str(tmp_path / "export"), class_names=[f"c{i}" for i in range(10)])
     loaded = tf.saved_model.load(path)
     jpeg = tf.io.encode_jpeg(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).numpy()
@@ -222,8 +286,8 @@ def test_the_cli_trains_evaluates_and_exports_a_keras_application(tmp_path, caps
                             "--resolution=32", "--dataset=synthetic", "--synthetic_examples=64", "--train_batch_size=8",
                             "--eval_batch_size=32", "--train_steps=2", "--steps_per_loop=2", "--optimizer=sgd",
                             "--lr_schedule=constant", "--base_learning_rate=0.01", "--warmup_epochs=0", "--seed=0",
-                            "--ema_decay=0", "--epsilon=1"],
-                           cwd=REPO, capture_output=True, text=True, timeout=600)
+                            "--epsilon=1"],
+                           cwd=REPO, capture_output=True, text=True, timeout=600, env=as_users_run_it())
     assert train.returncode == 0, train.stderr[-3000:]
     run = json.load(open(model_dir / "run_config.json"))
     assert run["model"]["model_name"] == "keras:MobileNetV2" and run["model"]["input_normalization"] == "inception"
@@ -235,15 +299,30 @@ def test_the_cli_trains_evaluates_and_exports_a_keras_application(tmp_path, caps
     from advprop_tf.domains import CLEAN_IMAGES
     from advprop_tf.evaluation import results_table
 
-    fv = flags.FlagValues()
-    evaluate_cli.define_flags(fv)
-    fv(["evaluate", f"--model_dir={model_dir}", "--domain=adv", "--batch_size=32", "--max_batches=1"])
-    evaluated, _ = evaluate_cli.run(fv, log=lambda line: None)
-    assert evaluated["classifier"]["domain"] == "adv" and 0 < evaluated["examples"] <= 32
-    assert 0 <= evaluated[CLEAN_IMAGES]["top_1"] <= 1 and "clean top-1" in results_table(evaluated)
+    def cli_flags(*args):
+        fv = flags.FlagValues()
+        evaluate_cli.define_flags(fv)
+        fv(["evaluate", *args])
+        return fv
+
+    evaluated, _ = evaluate_cli.run(cli_flags(f"--model_dir={model_dir}", "--domain=adv", "--batch_size=32",
+                                              "--max_batches=1"), log=lambda line: None)
+    assert evaluated["classifier"]["domain"] == "adv" and evaluated["classifier"]["ema"] and evaluated["examples"] == 32
+    assert "clean top-1" in results_table(evaluated)
+    # the main BN's EMA weights as the command evaluates them are the exported network's, image for image
+    main, from_export = (evaluate_cli.run(cli_flags(*args, "--batch_size=32", "--max_batches=1"),
+                                          log=lambda line: None)[0]
+                         for args in ([f"--model_dir={model_dir}"],
+                                      [f"--saved_model={model_dir / 'export' / '1'}", "--dataset=synthetic",
+                                       "--synthetic_examples=64"]))
+    assert main["classifier"]["ema"] and main["examples"] == from_export["examples"] == 32
+    assert main[CLEAN_IMAGES] == pytest.approx(from_export[CLEAN_IMAGES], abs=1e-9)
     # the weight file's values reached the network (the BN statistics set above, before the 2 steps)
-    reader = tf.train.load_checkpoint(str(model_dir / "checkpoints" / "ckpt-2"))
-    assert any(k.startswith("model_weights") for k in reader.get_variable_to_shape_map())
+    from advprop_tf.training.trained import load_trained
+
+    network = load_trained(str(model_dir)).model  # the EMA's weights, as evaluated and exported
+    means = [layer.domain_variables("clean")["moving_mean"].numpy() for layer in network.bn_layers()]
+    assert np.median([np.abs(m - 0.25).max() for m in means]) < 0.05  # 0-based without the file
     code, stderr = run_train_command([f"--model_dir={tmp_path / 'x'}", "--model=keras:NoSuchNet"], capsys)
     assert code == 2 and "--model: keras.applications has no 'NoSuchNet'" in stderr
 
@@ -267,15 +346,22 @@ def test_a_keras_hub_backbone_from_a_preset_directory_converts_and_trains(tmp_pa
     assert any(not np.allclose(a, v.numpy()) for a, v in zip(before, network.trainable_variables))
 
 
-def test_the_applications_table_converts_one_network_and_refuses_one_without_bn(tmp_path):
+def test_the_applications_table_trains_and_exports_efficientnet_at_the_default_flags_and_refuses_vgg(tmp_path):
+    """The table of every constructor (docs/keras_applications.md), for two: Keras' EfficientNetB0 (an int64
+    weight in its Normalization layer, which the EMA of the default flags once multiplied by its float decay)
+    converts, trains 2 CLI steps with the EMA on and exports; VGG16 (no BN) is refused by the conversion and by
+    the command line (exit 2, one line naming --model)."""
     out = tmp_path / "table.md"
-    result = subprocess.run([sys.executable, "tools/keras_applications_table.py", "--names=MobileNet,VGG16",
-                             "--resolution=32", f"--output={out}"], cwd=REPO, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable, "tools/keras_applications_table.py", "--names=EfficientNetB0,VGG16",
+                             f"--output={out}"], cwd=REPO, capture_output=True, text=True, timeout=900,
+                            env=as_users_run_it())
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in out.read_text().splitlines() if line.startswith("| ") and "network" not in line}
-    status, bns, diff, extra = rows["MobileNet"][:4]
-    assert status == "converted" and int(bns) == 27 and float(diff) < 1e-4
+    status, bns, diff, extra, _, size, trained, _ = rows["EfficientNetB0"]
+    assert status == "converted" and int(bns) == 49 and float(diff) < 1e-4 and size == "32 px"
     assert int(extra.replace(",", "")) > 0  # what one more BN domain costs
-    assert rows["VGG16"][0] == "refused" and "no BatchNormalization" in rows["VGG16"][-1]
+    assert trained == "trained, exported"
+    assert rows["VGG16"][0] == "refused" and "no BatchNormalization" in rows["VGG16"][5]
+    assert rows["VGG16"][6] == ("exit 2: advprop_tf.train: error: --model: vgg16 has no BatchNormalization layer: "
+                                "there is no BN to give each domain its own (AdvProp needs BNs)")

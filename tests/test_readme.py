@@ -7,7 +7,7 @@ import shlex
 import subprocess
 import sys
 
-from tests.helpers import STARTED_PROCESSES_SITE
+from tests.helpers import as_users_run_it
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,12 +36,9 @@ def test_readme_main_command_runs_to_completion(tmp_path):
     args = shlex.split(train_part)
     assert args[:3] == ["python", "-m", "advprop_tf.train"]
     args = [a for a in args if not a.startswith("--model_dir")]
-    # as a user runs it: without the Grappler switch the tests give the processes they start (conftest.py)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != STARTED_PROCESSES_SITE))
     result = subprocess.run([sys.executable, *args[1:], f"--model_dir={tmp_path}", "--train_steps=20",
                              "--steps_per_loop=10"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+                            cwd=REPO, env=as_users_run_it(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.load(open(tmp_path / "eval_results.json"))
     assert results["step"] == 20 and results["ema"] is True and results["examples"] == 640

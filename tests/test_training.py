@@ -78,18 +78,18 @@ def test_a_graph_loop_traces_the_step_once_and_sums_every_step(monkeypatch):
     assert float(sums["examples"]) == 4 * 8 and {"clean_loss", "adv_loss", "loss"} <= set(sums)
 
 
-def test_mirrored_step_equals_default_strategy_on_the_same_global_batch():
-    """Same initial weights, same global batch: two replicas == one device.
-
-    The global batch is [A; A], so each replica gets A and its (unsynchronized)
-    BN statistics are exactly those of the whole batch on one device. The
-    attack is untargeted (per-replica random targets would differ).
-    """
+def test_two_replicas_on_different_data_equal_a_reference_composed_from_their_per_replica_steps():
+    """Two replicas, each on its OWN half of the batch, against a reference composed on one device from the two
+    per-replica computations (step._compute on each half): the gradients summed (each replica's loss is scaled by
+    the global batch; the weight decay counted once), the BN statistics averaged (the MEAN aggregation of the
+    moving statistics), one optimizer update. Unsynchronized BN: each replica's batch statistics are its own
+    half's, which the same data on both replicas could not tell from replica 0's. The attack is untargeted without
+    random start (per-replica random targets would differ)."""
     import keras
 
     from advprop_tf.attacks.pgd import AttackConfig
     from advprop_tf.methods import get_method
-    from advprop_tf.training.optimization import make_optimizer, make_schedule
+    from advprop_tf.training.optimization import make_optimizer, make_schedule, weight_decay_loss
     from advprop_tf.training.step import StepConfig, TrainStep
     from tests.helpers import tiny_model
 
@@ -98,25 +98,35 @@ def test_mirrored_step_equals_default_strategy_on_the_same_global_batch():
             keras.utils.set_random_seed(3)
             model = tiny_model(dropout_rate=0.0, drop_connect_rate=0.0)
             optimizer = make_optimizer("rmsprop", make_schedule("constant", 0.01, 10, 10, 0), model)
-            config = StepConfig(global_batch_size=16, num_classes=10,
+            config = StepConfig(global_batch_size=16, num_classes=10, weight_decay=1e-3,
                                 attack=AttackConfig(epsilon=2, num_steps=2, step_size=1, targeted=False))
-            return model, TrainStep(model, get_method("advprop"), optimizer, config, strategy)
+            return model, optimizer, TrainStep(model, get_method("advprop"), optimizer, config, strategy)
 
-    default = tf.distribute.get_strategy()
     mirrored = two_cpu_strategy()
-    model_1, step_1 = make(default)
-    model_2, step_2 = make(mirrored)
-    for a, b in zip(model_1.weights, model_2.weights):
+    reference, optimizer, reference_step = make(tf.distribute.get_strategy())
+    model_2, _, step_2 = make(mirrored)
+    for a, b in zip(reference.weights, model_2.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-    halves = list(synthetic_batches(8).take(2))
-    doubled = [(tf.concat([x, x], 0), tf.concat([y, y], 0)) for x, y in halves]
-    losses_1 = [float(step_1.run_batch(x, y)["loss"]) for x, y in doubled]
-    per_replica = [mirrored.experimental_distribute_values_from_function(lambda ctx, b=b: b) for b in halves]
-    losses_2 = [float(step_2.run_batch(*batch)["loss"]) for batch in per_replica]
-    np.testing.assert_allclose(losses_1, losses_2, rtol=1e-4)
-    for a, b in zip(model_1.weights, model_2.weights):
+    batches = list(synthetic_batches(8).take(4))
+    for step in range(2):
+        halves = batches[2 * step: 2 * step + 2]  # replica 0's, replica 1's: different images and labels
+        assert not np.array_equal(halves[0][0].numpy(), halves[1][0].numpy())
+        per_replica = [reference_step._compute(x, y, tf.constant(step, tf.int64)) for x, y in halves]
+        with tf.GradientTape() as tape:
+            decay = weight_decay_loss(reference, 1e-3)
+        decay_grads = tape.gradient(decay, reference.trainable_variables)
+        grads = [None if a is None else a + b - (0 if d is None else d)
+                 for a, b, d in zip(per_replica[0][0], per_replica[1][0], decay_grads)]
+        for key in per_replica[0][1]:
+            reference_step._statistics[int(key)].assign((per_replica[0][1][key] + per_replica[1][1][key]) / 2)
+        optimizer.apply_gradients([(g, v) for g, v in zip(grads, reference.trainable_variables) if g is not None])
+        distributed = mirrored.experimental_distribute_values_from_function(lambda ctx, h=halves: h[ctx.replica_id_in_sync_group])
+        sums = step_2.run_batch(*distributed)
+        expected_loss = sum(float(p[2]["loss"]) for p in per_replica) - float(decay)  # decay counted once
+        assert float(sums["loss"]) == pytest.approx(expected_loss, rel=1e-4)
+    for a, b in zip(reference.weights, model_2.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-5, err_msg=a.path)
-    assert step_2.current_step == step_1.current_step == 2
+    assert step_2.current_step == 2
 
 
 def test_mirrored_sync_bn_step_equals_default_strategy():
@@ -299,3 +309,37 @@ def test_a_model_dir_that_is_a_file_is_a_flag_error(tmp_path):
     (tmp_path / "run").write_text("a file")
     with pytest.raises(RunDirError, match=r"^model_dir: .* is a file, not a directory"):
         Trainer(tiny_config(tmp_path / "run"))
+
+
+def test_every_replica_draws_its_own_seeds_at_every_step_of_a_pod():
+    """4096 replicas x 1000 steps: no two (replica, step) share a seed pair (counter x 1024 + replica did from
+    1025 replicas on), the pair the train step and the evaluation hand the attack, dropout and corruptions."""
+    from advprop_tf.randomness import replica_seed
+
+    replicas, steps = np.meshgrid(np.arange(4096, dtype=np.int32), np.arange(1000, dtype=np.int32), indexing="ij")
+    pairs = np.ascontiguousarray(replica_seed(5, steps, replicas).numpy().reshape(-1, 2))
+    assert len(np.unique(pairs.view(np.int64))) == 4096 * 1000
+    assert replica_seed(5, 7, 0).numpy().tolist() == [5, 7]  # one device draws what it always drew
+
+
+def test_a_run_without_a_validation_split_still_exports_and_says_why_it_did_not_evaluate(tmp_path, capsys):
+    """A folder of images at the default --holdout_fraction=0 has no validation split: training ends, the export
+    is written all the same, and the last line says that no evaluation ran and why."""
+    from tests.test_data import write_image
+
+    root = tmp_path / "images"
+    for c, name in enumerate(["ant", "bee"]):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            write_image(root / name / f"{i}.jpg", tf.cast(tf.random.stateless_uniform([40, 40, 3], (c, i), 0, 255),
+                                                          tf.uint8))
+    model_dir = tmp_path / "run"
+    flags = [f"--{k}={v}" for k, v in {**TINY, "dataset": f"folder:{root}", "train_steps": 2, "steps_per_loop": 2,
+                                       "checkpoint_every_steps": 2}.items() if k != "synthetic_examples"]
+    code, stderr, stdout = run_train_command([f"--model_dir={model_dir}", *flags], capsys, with_stdout=True)
+    assert code in (0, None), stderr[-2000:]  # absl's app.run exits with main's None
+    assert os.path.exists(model_dir / "export" / "1" / "saved_model.pb")
+    assert not os.path.exists(model_dir / "eval_results.json")
+    assert stdout.rstrip().splitlines()[-1] == (
+        f"final: trained to step 2; no evaluation (--dataset=folder:{root} has no validation split); "
+        f"exported to {model_dir / 'export' / '1'}")

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from advprop_tf import randomness
 from advprop_tf.attacks.pgd import AttackConfig, pgd, random_wrong_labels
 from advprop_tf.data.corruptions import corrupt
 from advprop_tf.domains import CLEAN_IMAGES
@@ -108,8 +109,7 @@ def evaluate(classifier: Classifier, dataset, *, attack: AttackConfig | None = N
         if label_map is not None:
             labels = label_map(labels)
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        # Replica 0 keeps (seed, index): one device gives the numbers it always gave.
-        batch_seed = tf.stack([tf.constant(seed, tf.int32), index + 1_000_003 * tf.cast(replica, tf.int32)])
+        batch_seed = randomness.replica_seed(seed, index, replica)
         return [measure(images, labels, batch_seed) for measure in measures]
 
     @tf.function(reduce_retracing=True)

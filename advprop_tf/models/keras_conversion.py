@@ -3,7 +3,8 @@
 The converted network (KerasNetwork) is the same functional graph with every
 `keras.layers.BatchNormalization` replaced by a MultiBatchNormalization whose
 domains all start as copies of that BN (gamma, beta, moving statistics,
-momentum, epsilon and center/scale kept); every other layer keeps its weights.
+momentum, epsilon, center/scale, trainable (a frozen BN stays frozen), regularizers, constraints and dtype
+policy kept); every other layer keeps its weights.
 It has our call contract, `net(pixels, training=..., domain=..., bn_mode=...)`
 on raw pixels in [0, 255]: it applies the pixel normalization the original
 expects (its `preprocess_input`, or none where it is built in), so attacks keep
@@ -94,7 +95,11 @@ def convert_graph(model, domains):
         if isinstance(layer, keras.layers.BatchNormalization):
             return MultiBatchNormalization(domains, momentum=layer.momentum, epsilon=layer.epsilon,
                                            synchronized=config.get("synchronized", False), center=layer.center,
-                                           scale=layer.scale, name=layer.name)
+                                           scale=layer.scale, gamma_regularizer=layer.gamma_regularizer,
+                                           beta_regularizer=layer.beta_regularizer,
+                                           gamma_constraint=layer.gamma_constraint,
+                                           beta_constraint=layer.beta_constraint, trainable=layer.trainable,
+                                           dtype=layer.dtype_policy, name=layer.name)
         if type(layer) is keras.layers.Dropout:  # its generator variable is not XLA-legal on several replicas
             return SeededDropout(layer.rate, noise_shape=layer.noise_shape, name=layer.name)
         if _is_output_softmax(layer, model):

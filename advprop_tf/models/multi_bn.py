@@ -141,8 +141,15 @@ class MultiBatchNormalization(keras.layers.Layer):
         gamma_initializer: str = "ones",
         center: bool = True,
         scale: bool = True,
+        gamma_regularizer=None,
+        beta_regularizer=None,
+        gamma_constraint=None,
+        beta_constraint=None,
         **kwargs,
     ):
+        """`trainable=False` (a frozen BN, as fine-tuning recipes keep one) always normalizes with its moving
+        statistics and never updates them, as Keras' BatchNormalization does; the regularizers and
+        constraints apply to every domain's gamma and beta."""
         super().__init__(**kwargs)
         domains = tuple(domains)
         if not domains:
@@ -161,6 +168,10 @@ class MultiBatchNormalization(keras.layers.Layer):
         # Keras' BatchNormalization(center=False / scale=False): no beta / gamma (0 / 1), as in the layer converted.
         self.center, self.scale = bool(center), bool(scale)
         self.supports_masking = False
+        self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
+        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
+        self.gamma_constraint = keras.constraints.get(gamma_constraint)
+        self.beta_constraint = keras.constraints.get(beta_constraint)
         self._vars = {}
 
     @property
@@ -176,10 +187,12 @@ class MultiBatchNormalization(keras.layers.Layer):
             variables = {}
             if self.scale:
                 variables["gamma"] = self.add_weight(
-                    shape=(channels,), initializer=self.gamma_initializer, autocast=False, name=f"{d}_gamma")
+                    shape=(channels,), initializer=self.gamma_initializer, autocast=False, name=f"{d}_gamma",
+                    regularizer=self.gamma_regularizer, constraint=self.gamma_constraint)
             if self.center:
                 variables["beta"] = self.add_weight(shape=(channels,), initializer="zeros", autocast=False,
-                                                    name=f"{d}_beta")
+                                                    name=f"{d}_beta", regularizer=self.beta_regularizer,
+                                                    constraint=self.beta_constraint)
             variables["moving_mean"] = self._add_statistic(channels, "zeros", f"{d}_moving_mean")
             variables["moving_variance"] = self._add_statistic(channels, "ones", f"{d}_moving_variance")
             self._vars[d] = variables
@@ -269,7 +282,7 @@ class MultiBatchNormalization(keras.layers.Layer):
         route = getattr(_local, "route", None)
         if route is not None and domain is None and bn_mode is None:
             domain, bn_mode = route
-        mode = resolve_bn_mode(training, bn_mode)
+        mode = resolve_bn_mode(training, bn_mode) if self.trainable else "inference"  # frozen: as Keras' BN
         x = tf.cast(inputs, tf.float32)  # statistics always in float32
         if isinstance(domain, Chunks):
             return tf.cast(self._call_chunks(x, domain, mode), self.compute_dtype)
@@ -380,5 +393,9 @@ class MultiBatchNormalization(keras.layers.Layer):
             gamma_initializer=self.gamma_initializer,
             center=self.center,
             scale=self.scale,
+            gamma_regularizer=keras.regularizers.serialize(self.gamma_regularizer),
+            beta_regularizer=keras.regularizers.serialize(self.beta_regularizer),
+            gamma_constraint=keras.constraints.serialize(self.gamma_constraint),
+            beta_constraint=keras.constraints.serialize(self.beta_constraint),
         )
         return config

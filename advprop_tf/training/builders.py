@@ -79,6 +79,16 @@ def training_length(config: TrainConfig, source, replicas: int = 1) -> Length:
 
 
 def build_model(config: TrainConfig, num_classes: int):
+    """The network; a keras:<name> that cannot become multi-domain (no BN, too small an input) is --model's error."""
+    from advprop_tf.models.keras_conversion import ConversionError
+
+    try:
+        return _build_model(config, num_classes)
+    except ConversionError as e:
+        raise ConfigError("model", str(e)) from None
+
+
+def _build_model(config: TrainConfig, num_classes: int):
     model = config.model
     return build_network(
         model.model, num_classes=num_classes, domains=config.method.domains.names,
@@ -110,7 +120,7 @@ def step_config(config: TrainConfig, *, num_classes: int, total_steps: int, seed
         weight_decay=opt.weight_decay, attack=method.attack, epsilon_schedule=method.epsilon_schedule,
         total_steps=total_steps, clean_weight=method.clean_loss_weight, adv_weight=method.adv_weight,
         adv_fraction=method.adv_fraction, noisy_weight=method.noisy_loss_weight, seed=seed,
-        jit_compile=opt.jit_compile, skip_non_finite=opt.on_nan == "skip", domains=method.domains,
+        jit_compile=opt.jit_compile, domains=method.domains,
     )
 
 

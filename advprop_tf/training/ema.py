@@ -18,11 +18,18 @@ from __future__ import annotations
 import tensorflow as tf
 
 
+def averaged_weights(model):
+    """The weights an EMA averages: every floating-point one, in `model.weights` order."""
+    return [v for v in model.weights if tf.as_dtype(v.dtype).is_floating]
+
+
 class ExponentialMovingAverage(tf.Module):
     def __init__(self, model, decay: float = 0.9999):
         super().__init__(name="ema")
         self.decay = float(decay)
-        self._model_variables = list(model.weights)
+        # Floating-point weights only: an integer one (Keras' Normalization layer counts its samples in an int64,
+        # and Keras' EfficientNets hold one) is not an average of anything.
+        self._model_variables = averaged_weights(model)
         self.shadows = [
             tf.Variable(tf.convert_to_tensor(v), trainable=False, name=v.path.replace("/", "__"),
                         synchronization=tf.VariableSynchronization.ON_READ,
@@ -53,7 +60,7 @@ class ExponentialMovingAverage(tf.Module):
 
     def copy_to(self, model):
         """Write the averages into `model` (same architecture as the tracked one)."""
-        for shadow, variable in zip(self.shadows, model.weights):
+        for shadow, variable in zip(self.shadows, averaged_weights(model)):
             variable.assign(tf.cast(shadow, variable.dtype))
 
     def swap(self):

@@ -70,7 +70,12 @@ class AdvPropModel(keras.Model):
         self._trackers = {name: keras.metrics.Mean(name=name) for name in self._metric_names()}
         self._eval_trackers = {name: keras.metrics.Mean(name=f"eval_{name}") for name in ("loss", "accuracy")}
         self._loss_fn = make_loss_fn(network.num_classes, label_smoothing)
+        # The step counter is the model's from the start, so that load_weights() works before compile() too.
+        self._steps_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="steps_done",
+                                       synchronization=tf.VariableSynchronization.ON_READ,
+                                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         self._step = None
+        self._single_step = None
         self.built = True  # the network is built already (BackupAndRestore restores into built models)
 
     def _metric_names(self):
@@ -94,12 +99,13 @@ class AdvPropModel(keras.Model):
         """Keras' compile; the step is built here, in the strategy's scope, with the compiled optimizer."""
         super().compile(optimizer=optimizer, **kwargs)
         with self.distribute_strategy.scope():
-            self._step = TrainStep(self.network, self.record, self.optimizer, self.step_config, self.distribute_strategy)
+            self._step = TrainStep(self.network, self.record, self.optimizer, self.step_config, self.distribute_strategy,
+                                   step_counter=self._steps_done)
 
     @property
     def steps_done(self) -> int:
-        """Training steps taken (the step's own counter: attack and dropout seeds follow it)."""
-        return self._step.current_step if self._step is not None else 0
+        """Training steps taken (the step's counter: attack and dropout seeds follow it)."""
+        return int(self._steps_done.numpy())
 
     def save_own_variables(self, store):
         """The step counter and the current epoch's first step go with the weights (BackupAndRestore)."""
@@ -111,11 +117,16 @@ class AdvPropModel(keras.Model):
         own = {k: store[k] for k in store.keys() if k not in ("steps_done", "epoch_start")}
         super().load_own_variables(own)
         if "steps_done" in store.keys():
-            self._step.global_step.assign(int(np.asarray(store["steps_done"])))
+            self._steps_done.assign(int(np.asarray(store["steps_done"])))
             self.epoch_start = int(np.asarray(store["epoch_start"]))
 
     def train_step(self, data):
-        images, labels = data[0], data[1]
+        images, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if sample_weight is not None:
+            raise ValueError("AdvPropModel.fit takes no sample_weight or class_weight: the clean and adversarial "
+                             "losses are means over the batch (weight the data instead, e.g. by resampling it)")
+        if labels is None:
+            raise ValueError("AdvPropModel.fit needs (images, labels) batches: the attack needs the labels")
         if self._step is None:
             raise ValueError("compile() the AdvPropModel before fit()")
         sums = self._step._replica_step(images, labels)  # global sums, every replica alike
@@ -146,15 +157,34 @@ class AdvPropModel(keras.Model):
             return train_function
 
         def skipping(iterator):
-            if self.batches_to_skip > 0:
-                self.batches_to_skip -= 1
+            """One call of Keras' train function covers steps_per_execution batches: a call that falls among the
+            already-trained batches discards as many (and trains the rest of its share, when the backup's
+            epoch position is not a multiple of them: steps_per_execution changed between the two runs)."""
+            if self.batches_to_skip <= 0:
+                return train_function(iterator)
+            skipped = min(self.batches_to_skip, self.steps_per_execution)
+            for _ in range(skipped):
                 next(iterator)
-                return {name: tracker.result() for name, tracker in self._trackers.items()}
-            return train_function(iterator)
+            self.batches_to_skip -= skipped
+            logs = {name: tracker.result() for name, tracker in self._trackers.items()}
+            for _ in range(self.steps_per_execution - skipped):
+                logs = self._train_one_batch(next(iterator))
+            return logs
 
         skipping._skips_trained_batches = True
         self.train_function = skipping
         return skipping
+
+    def _train_one_batch(self, data):
+        if self._single_step is None:
+            strategy = self.distribute_strategy
+
+            def one_step(batch):
+                logs = strategy.run(self.train_step, args=(batch,))
+                return {name: strategy.experimental_local_results(value)[0] for name, value in logs.items()}
+
+            self._single_step = tf.function(one_step)
+        return self._single_step(data)
 
     def fit(self, *args, callbacks=None, **kwargs):
         callbacks = [_EpochBookkeeping(self)] + list(callbacks or [])

@@ -40,6 +40,19 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left intact."""
 
 
+# What a worker's collectives raise once a peer is gone (killed, preempted, its host down): the run cannot go on,
+# and a restart of every worker with the same command resumes it from the newest checkpoint.
+PEER_LOST_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError)
+
+
+class PeerLostError(RuntimeError):
+    """Another worker of the cluster stopped answering in the middle of training; `checkpoint` resumes it."""
+
+    def __init__(self, message, checkpoint):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
 def weights_fingerprint(model) -> str:
     """A short hash of every weight's value: equal on all workers of a healthy multi-worker run."""
     digest = hashlib.sha1()
@@ -101,6 +114,8 @@ class Trainer:
         self.progress = Progress(self.run_dir, self.schedule, self.inputs.images_per_step, self.total_steps,
                                  self.inputs.decode_stats.skipped)
         self.results = None
+        self.stop_reason = None  # why the run ended before total_steps (a SIGTERM), else None
+        self.no_evaluation_reason = None  # why the final evaluation did not run, else None
 
     def _agreed(self, value: int) -> int:
         """Replica 0's (the chief's) `value`, so that all workers of a cluster use one seed."""
@@ -113,6 +128,11 @@ class Trainer:
     @property
     def step(self) -> int:
         return self.train_step.current_step
+
+    @property
+    def finished(self) -> bool:
+        """Whether training reached total_steps (only then does a command exit 0)."""
+        return self.step >= self.total_steps
 
     # ---------------------------------------------------------------- restore
     def restore(self) -> int:
@@ -170,11 +190,12 @@ class Trainer:
                 sums, steps, seconds = self._host_loop(self._loop_length(step))
                 step += steps
                 self.progress.host_loop(step, steps, seconds, sums)
-                if self.train_step.stop_requested():  # this worker's SIGTERM or another's, agreed by all
+                if self.train_step.stop_requested() and step < self.total_steps:  # any worker's SIGTERM, agreed
                     path = self.save()
                     self.progress.write_stats(step)
-                    logging.warning("SIGTERM: saved %s at step %d; exiting (weights fingerprint %s)",
-                                    path, step, weights_fingerprint(self.model))
+                    self.stop_reason = "SIGTERM" if watcher.requested else "SIGTERM to another worker"
+                    logging.warning("%s: saved %s at step %d; exiting (weights fingerprint %s)",
+                                    self.stop_reason, path, step, weights_fingerprint(self.model))
                     return None
                 if step % run.checkpoint_every_steps == 0 or step >= self.total_steps:
                     self.save()
@@ -196,6 +217,11 @@ class Trainer:
         except tf.errors.OutOfRangeError:
             raise SourceError(f"the training data of {self.config.data.dataset!r} ran dry: no image could be "
                               "decoded") from None
+        except PEER_LOST_ERRORS as e:
+            if multi_worker_resolver(self.strategy) is None:
+                raise
+            raise PeerLostError(f"another worker stopped answering after step {before} ({type(e).__name__})",
+                                self.run_dir.latest_checkpoint()) from None
         sums = {k: float(v) for k, v in sums.items()}
         steps = self.step - before
         if sums["non_finite"] > 0 and self.config.optimization.on_nan == "stop":
@@ -209,7 +235,8 @@ class Trainer:
     def evaluate(self, final=False, domain=None):
         """Top-1/top-5 on the eval split with the EMA weights and `domain`'s BN (the main one by default)."""
         if "validation" not in self.source.splits:
-            logging.warning("no validation split in %s: skipping evaluation", self.config.data.dataset)
+            self.no_evaluation_reason = f"--dataset={self.config.data.dataset} has no validation split"
+            logging.warning("%s: skipping evaluation", self.no_evaluation_reason)
             return None
         domain = domain or self.model.main_domain
         step, model = self.step, self.model

@@ -181,6 +181,13 @@ def weight_decay_loss(model, weight_decay: float):
     )
 
 
+def regularization_loss(model):
+    """The penalties of the network's own Keras regularizers (a converted Keras model's kernel or BN
+    regularizers; the registry's networks have none: their decay is weight_decay_loss)."""
+    losses = model.losses
+    return tf.add_n([tf.cast(loss, tf.float32) for loss in losses]) if losses else tf.constant(0.0)
+
+
 def make_loss_fn(num_classes: int, label_smoothing: float = 0.1):
     """Per-example softmax cross-entropy with label smoothing."""
 

@@ -32,7 +32,7 @@ from advprop_tf.attacks.pgd import AttackConfig
 from advprop_tf.domains import DomainSpec
 from advprop_tf.methods import StepContext, add_gradients, scheduled_epsilon
 from advprop_tf.models.multi_bn import collecting_statistic_updates
-from advprop_tf.training.optimization import make_loss_fn, weight_decay_loss
+from advprop_tf.training.optimization import make_loss_fn, regularization_loss, weight_decay_loss
 from advprop_tf.training.strategy import multi_worker_resolver
 
 DROPOUT_STREAM = 0xD20F  # the dropout masks' seeds are folded from the step's seed with this salt
@@ -53,7 +53,6 @@ class StepConfig:
     noisy_weight: float = 0.5  # Fast AdvProp: weight of the attack's own pass
     seed: int = 0
     jit_compile: bool = False
-    skip_non_finite: bool = False  # a step with a non-finite loss changes nothing (pair with a LossScaleOptimizer)
     domains: DomainSpec | None = None  # the network's domains (None: read from model.domains)
 
 
@@ -117,16 +116,17 @@ class TrainStep:
             epsilon = scheduled_epsilon(cfg.epsilon_schedule, step, cfg.total_steps)
             num_steps = cfg.attack.steps_for(epsilon)
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        seed = tf.stack([
-            tf.constant(cfg.seed, tf.int32),
-            tf.cast(step, tf.int32) * 1024 + tf.cast(replica, tf.int32),
-        ])
+        seed = randomness.replica_seed(cfg.seed, step, replica)
         return StepContext(
             loss_fn=self.loss_fn, attack=cfg.attack, epsilon=epsilon, num_steps=num_steps,
             seed=seed, clean_weight=cfg.clean_weight, adv_weight=cfg.adv_weight,
             adv_fraction=cfg.adv_fraction, noisy_weight=cfg.noisy_weight, scale_loss=self.optimizer.scale_loss,
             domains=cfg.domains,
         )
+
+    def _decay(self):
+        """The weight decay and the network's own regularizers (once per step; each replica adds 1/replicas)."""
+        return weight_decay_loss(self.model, self.config.weight_decay) + regularization_loss(self.model)
 
     def _gradients(self, images, labels, ctx):
         cfg = self.config
@@ -135,7 +135,7 @@ class TrainStep:
         if self.method.computes_gradients:
             loss, grads, metrics = self.method(self.model, images, labels, ctx)
             with tf.GradientTape() as tape:
-                decay = weight_decay_loss(self.model, cfg.weight_decay) / num_replicas
+                decay = self._decay() / num_replicas
                 scaled = self.optimizer.scale_loss(decay)
             loss += decay
             grads = add_gradients(grads, tape.gradient(scaled, variables))
@@ -145,13 +145,17 @@ class TrainStep:
                 loss_sum, metrics = self.method(self.model, images, labels, ctx)
                 global_batch = cfg.global_batch_size or tf.cast(tf.shape(labels)[0] * num_replicas, tf.float32)
                 loss = loss_sum / global_batch
-                loss += weight_decay_loss(self.model, cfg.weight_decay) / num_replicas
+                loss += self._decay() / num_replicas
                 scaled = self.optimizer.scale_loss(loss)
             grads = tape.gradient(scaled, variables)
         sums = {k: tf.reduce_sum(v) for k, v in metrics.items()}
         sums["loss"] = loss
         sums["examples"] = tf.cast(tf.shape(labels)[0], tf.float32)
-        sums["non_finite"] = 1.0 - tf.cast(tf.math.is_finite(loss), tf.float32)
+        # This replica's verdict on its OWN loss and gradients (a float16 step's usual failure is a finite loss
+        # whose gradients overflow): summed over the replicas in _update, so every replica skips alike.
+        finite = tf.reduce_all([tf.math.is_finite(loss)] + [tf.reduce_all(tf.math.is_finite(g))
+                                                            for g in grads if g is not None])
+        sums["non_finite"] = 1.0 - tf.cast(finite, tf.float32)
         return grads, sums
 
     def _compute(self, images, labels, step):
@@ -167,25 +171,41 @@ class TrainStep:
         grads, statistics, sums = self._compute_part(images, labels, step)
         return self._update(grads, statistics, sums, step)
 
+    @property
+    def skips_non_finite(self) -> bool:
+        """Whether a step with a non-finite loss or gradient changes nothing: with a LossScaleOptimizer (float16's,
+        or float32's --on_nan=skip), which skips the weights' update; the statistics and the EMA are held too."""
+        return isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+
     def _update(self, grads, statistics, sums, step):
         """Assign the statistics, apply the gradients, move the EMA and the counter; returns the global sums."""
         sums = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, sums)
         bad = sums["non_finite"] > 0  # on any replica: every replica skips alike
+        skips = self.skips_non_finite
         for key, value in statistics.items():
             variable = self._statistics[int(key)]
-            if self.config.skip_non_finite:
+            if skips:
                 value = tf.where(bad, tf.convert_to_tensor(variable), value)
             variable.assign(value)
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            # A LossScaleOptimizer skips non-finite gradients, judging by the first replica's: make all agree.
+        if skips:
+            # Keras' LossScaleOptimizer judges finiteness by ONE replica's gradients (the first, under
+            # merge_call; each core its own, on a TPU), assuming they were summed already; they are not. The
+            # verdict above is every replica's: poisoning all gradients with it makes every replica (every TPU
+            # core) take the same branch, and the scale halve once.
             poison = tf.where(bad, float("nan"), 0.0)
             grads = [None if g is None else g + tf.cast(poison, g.dtype) for g in grads]
         # Variables the method does not use (auxiliary BNs of single-BN
         # methods) have no gradient: leave them and their optimizer slots alone.
         self.optimizer.apply_gradients([(g, v) for g, v in zip(grads, self.model.trainable_variables) if g is not None])
+        if skips:
+            # One clock: a skipped update leaves the optimizer's `iterations` (the learning-rate schedule's step)
+            # behind; it follows the step counter that the epsilon schedule, the EMA, the seeds and the
+            # checkpoints read.
+            iterations = self.optimizer.iterations
+            iterations.assign(tf.cast(step + 1, iterations.dtype))
         self.global_step.assign_add(1)
         if self.ema is not None:
-            self.ema.update(step + 1, hold=bad if self.config.skip_non_finite else None)
+            self.ema.update(step + 1, hold=bad if skips else None)
         return sums
 
     # ------------------------------------------------------ cross-replica side
