@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging as std_logging
 import os
 import sys
+import textwrap
 
 from absl import app, flags
 from absl import logging
@@ -40,9 +41,41 @@ def show_only_our_log_lines():
     std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
 
 
-def run(main, program: str, flag_values=flags.FLAGS, argv=None):
+HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-?")
+
+
+def help_text(usage: str, flag_values, groups) -> str:
+    """The command's docstring and ITS flags (not TensorFlow's or absl's), by group, each with its default."""
+    lines = [(usage or "").strip(), ""]
+    for title, names in groups.items():
+        lines.append(f"{title}:")
+        for name in names:
+            flag = flag_values[name]
+            default = "" if flag.default is None else f" (default: {flag.default_as_str or repr(flag.default)})"
+            text = " ".join((flag.help or "").split()) + default
+            lines.extend(textwrap.wrap(text, 100, initial_indent=f"  --{name}: ", subsequent_indent="      "))
+        lines.append("")
+    lines.append("Try --helpfull for every flag, TensorFlow's and absl's too.")
+    return "\n".join(lines)
+
+
+def own_flags(flag_values, program: str) -> dict:
+    """{"flags": the names of the flags this package's or a tool's modules defined} (a command without groups)."""
+    names = []
+    for module, defined in flag_values.flags_by_module_dict().items():
+        if module.startswith(("advprop_tf", "tools", "__main__")) or program in module:
+            names.extend(flag.name for flag in defined if flag.name not in names)
+    return {"flags": names}
+
+
+def run(main, program: str, flag_values=flags.FLAGS, argv=None, usage=None, groups=None):
     """absl's app.run (on sys.argv by default), with flag-parsing errors reported as one line by `fail`,
-    and quiet logs."""
+    --help listing the command's own flags (by `groups`: title -> flag names), and quiet logs."""
+    arguments = sys.argv if argv is None else argv
+    if any(a in HELP_FLAGS for a in arguments[1:]):
+        usage = usage if usage is not None else sys.modules["__main__"].__doc__
+        print(help_text(usage, flag_values, groups or own_flags(flag_values, program)))
+        sys.exit(0)
 
     def parse(argv):
         show_only_our_log_lines()

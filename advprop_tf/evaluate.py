@@ -23,10 +23,11 @@ Bad flags exit with status 2 and one line naming the flag.
 
 from __future__ import annotations
 
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from advprop_tf.startup import import_tensorflow_quietly  # noqa: E402
+
+import_tensorflow_quietly()  # before anything imports TensorFlow: its C++ start-up notices held back
 
 from absl import flags  # noqa: E402
 
@@ -71,6 +72,10 @@ def define_flags(fv=FLAGS):
     d("float", "step_size", 1.0, "PGD step in pixels.")
     d("bool", "targeted", True, "Attack toward a random wrong class (the authors') or untargeted.")
     d("bool", "random_start", False, "Start PGD at a random point of the epsilon-ball.")
+    d("integer", "restarts", 1, "PGD restarts, each from its own random start: an image counts as robust only if "
+      "it survives every one (the per-image worst case).")
+    d("enum", "bn_mode", "inference", ["inference", "batch"], "A training directory's BNs: inference (moving "
+      "statistics) or batch (each batch's own statistics, as in training, not updated).")
     d("string", "corruptions", "", "all, or a comma-separated list of corruption names.")
     d("enum", "corruption_backend", "ingraph", list(BACKENDS),
       "ingraph (ImageNet-C-style, quick), imagecorruptions (the ImageNet-C code) or tfds "
@@ -106,6 +111,12 @@ def validate(f=FLAGS):
         raise UsageError("step_size", f"must be > 0, got {f.step_size:g}")
     if f.num_steps is not None and f.num_steps < 1:
         raise UsageError("num_steps", f"must be >= 1, got {f.num_steps}")
+    if f.restarts < 1:
+        raise UsageError("restarts", f"must be >= 1, got {f.restarts}")
+    if f.restarts > 1 and f.attack != "pgd":
+        raise UsageError("restarts", "needs --attack=pgd")
+    if f.bn_mode != "inference" and f.saved_model:
+        raise UsageError("bn_mode", "applies to --model_dir (an export's BNs are inference-mode only)")
     try:
         if f.corruption_backend == "ingraph":
             corruptions = parse_corruptions(f.corruptions)
@@ -164,7 +175,7 @@ def run(f=FLAGS, log=print):
 
     corruptions, severities, reference = validate(f)
     if f.model_dir:
-        classifier = evaluation.classifier_from_model_dir(f.model_dir, f.domain or MAIN, f.use_ema)
+        classifier = evaluation.classifier_from_model_dir(f.model_dir, f.domain or MAIN, f.use_ema, f.bn_mode)
     else:
         classifier = evaluation.classifier_from_saved_model(f.saved_model, f.domain)
     run_config = classifier.run_config
@@ -207,7 +218,7 @@ def run(f=FLAGS, log=print):
         total = source.num_examples(split)
         if f.max_batches:
             total = min(total or f.max_batches * f.batch_size, f.max_batches * f.batch_size)
-        return evaluation.evaluate(classifier, data, seed=f.seed, num_examples=total,
+        return evaluation.evaluate(classifier, data, seed=f.seed, num_examples=total, restarts=f.restarts,
                                    max_batches=f.max_batches or None, label_map=label_map, progress=log, **kwargs)
 
     on_the_fly = corruptions if f.corruption_backend != "tfds" else ()
@@ -288,6 +299,17 @@ def main(argv):
     print(f"results: {output}")
 
 
+# What `--help` lists under each title.
+FLAG_GROUPS = {
+    "what to evaluate": ["model_dir", "saved_model", "domain", "use_ema"],
+    "data": ["dataset", "data_dir", "split", "holdout_fraction", "num_classes", "synthetic_examples", "eval_crop",
+             "label_subset", "batch_size", "max_batches"],
+    "attack": ["attack", "epsilon", "num_steps", "step_size", "targeted", "random_start", "restarts", "seed"],
+    "batch norm": ["bn_mode"],
+    "corruptions": ["corruptions", "corruption_backend", "severities", "reference_results"],
+    "output": ["output"],
+}
+
 if __name__ == "__main__":
     define_flags()
-    cli.run(main, "advprop_tf.evaluate")
+    cli.run(main, "advprop_tf.evaluate", usage=__doc__, groups=FLAG_GROUPS)

@@ -8,9 +8,10 @@ one line naming the flag.
 
 from __future__ import annotations
 
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from advprop_tf.startup import import_tensorflow_quietly  # noqa: E402
+
+import_tensorflow_quietly()  # before anything imports TensorFlow: its C++ start-up notices held back
 
 from absl import flags  # noqa: E402
 
@@ -55,7 +56,8 @@ def main(argv, flag_values=flags.FLAGS):
 def run(flag_values=flags.FLAGS, argv=None):
     """The command line (sys.argv by default); on fresh `flag_values`, the same command in-process."""
     define_flags(flag_values)
-    cli.run(lambda args: main(args, flag_values), PROGRAM, flag_values, argv)
+    cli.run(lambda args: main(args, flag_values), PROGRAM, flag_values, argv, usage=__doc__,
+            groups={"export": ["model_dir", "export_dir", "domain", "use_ema", "version"]})
 
 
 if __name__ == "__main__":

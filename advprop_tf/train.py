@@ -16,10 +16,11 @@ Exit status, as schedulers read it:
 
 from __future__ import annotations
 
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from advprop_tf.startup import import_tensorflow_quietly  # noqa: E402
+
+import_tensorflow_quietly()  # before anything imports TensorFlow: its C++ start-up notices held back
 
 from absl import flags, logging  # noqa: E402
 
@@ -86,7 +87,8 @@ def main(argv, flag_values=flags.FLAGS):
 def run(flag_values=flags.FLAGS, argv=None):
     """The command line (sys.argv by default); on fresh `flag_values`, the same command in-process."""
     train_flags.define_train_flags(flag_values)
-    cli.run(lambda args: main(args, flag_values), PROGRAM, flag_values, argv)
+    cli.run(lambda args: main(args, flag_values), PROGRAM, flag_values, argv, usage=__doc__,
+            groups=train_flags.flag_groups())
 
 
 if __name__ == "__main__":

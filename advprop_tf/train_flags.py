@@ -186,12 +186,34 @@ def _define_strategy_flags(d):
                   "resolution, classes, dataset) differs from the one it was started with.")
 
 
+# What `--help` lists under each title, in this order.
+FLAG_GROUPS = {
+    "data": (_define_data_flags,),
+    "model": (_define_model_flags,),
+    "method and attack": (_define_method_flags, _define_attacked_share_flags),
+    "optimization": (_define_optimization_flags,),
+    "run and checkpoints": (_define_run_flags,),
+    "distribution": (_define_strategy_flags,),
+}
+
+
 def define_train_flags(flag_values=None):
     """Define every training flag on `flag_values` (the global FLAGS by default)."""
     d = _Definer(flags.FLAGS if flag_values is None else flag_values)
-    for define in (_define_model_flags, _define_data_flags, _define_method_flags, _define_attacked_share_flags,
-                   _define_optimization_flags, _define_run_flags, _define_strategy_flags):
-        define(d)
+    for defines in FLAG_GROUPS.values():
+        for define in defines:
+            define(d)
+
+
+def flag_groups() -> dict:
+    """{title: the training flags of that group}, for --help."""
+    groups = {}
+    for title, defines in FLAG_GROUPS.items():
+        fv = flags.FlagValues()
+        for define in defines:
+            define(_Definer(fv))
+        groups[title] = list(fv)
+    return groups
 
 
 def flag_of(field: str) -> str:

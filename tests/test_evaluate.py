@@ -24,7 +24,7 @@ from advprop_tf.evaluation import (
 )
 from advprop_tf.attacks.pgd import AttackConfig
 from advprop_tf.serving import export
-from tests.helpers import as_users_run_it
+from tests.helpers import as_users_run_it, synthetic_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -258,3 +258,29 @@ def test_the_evaluate_command_as_a_user_runs_it_gives_the_librarys_numbers(train
     assert from_cli["examples"] == in_process["examples"] == 64
     assert from_cli["clean"] == pytest.approx(in_process["clean"], abs=1e-9)
     assert from_cli["pgd"]["accuracy"] == pytest.approx(in_process["pgd"]["accuracy"], abs=1e-9)
+
+
+def test_pgd_restarts_take_the_per_image_worst_case_and_batch_statistics_are_an_evaluation_mode(trained, tmp_path):
+    """Each restart starts at its own random point: robust accuracy over 3 restarts is at most that of each
+    restart alone (the same seeds); --bn_mode=batch evaluates with each batch's own statistics (another function:
+    other logits)."""
+    from advprop_tf.evaluation import classifier_from_model_dir
+    from advprop_tf.evaluation.loop import RESTART_STREAM, attack_measure
+    from advprop_tf.randomness import fold_in
+
+    model_dir, _ = trained
+    classifier = classifier_from_model_dir(str(model_dir))
+    x, y = next(iter(synthetic_batches(32, split="validation", num_examples=64)))
+    attack = AttackConfig(epsilon=4, num_steps=2, step_size=2, targeted=False, random_start=True)
+    seed = tf.constant([0, 5], tf.int32)
+    worst = attack_measure(classifier, attack, restarts=3)(x, y, seed).numpy()
+    single = [attack_measure(classifier, attack)(x, y, fold_in(seed, RESTART_STREAM + r)).numpy() for r in range(3)]
+    assert worst[0] <= min(s[0] for s in single) and worst[0] + worst[1] == 32
+    results, _ = evaluate_cli.run(cli_flags(f"--model_dir={model_dir}", "--attack=pgd", "--epsilon=4", "--num_steps=2",
+                                            "--step_size=2", "--restarts=3", "--max_batches=1", "--batch_size=32",
+                                            f"--output={tmp_path / 'r.json'}"), log=lambda line: None)
+    assert results["pgd"]["restarts"] == 3 and results["pgd"]["random_start"]
+    batch = classifier_from_model_dir(str(model_dir), bn_mode="batch")
+    assert not np.allclose(batch.logits_fn(x).numpy(), classifier.logits_fn(x).numpy(), atol=1e-3)
+    with pytest.raises(ConfigError, match="restarts: needs --attack=pgd"):
+        evaluate_cli.run(cli_flags(f"--model_dir={model_dir}", "--restarts=2"), log=lambda line: None)

@@ -60,6 +60,8 @@ flags.DEFINE_list("model_dirs", [], "Existing runs to use instead of training: m
 flags.DEFINE_float("eval_epsilon", 2.0, "PGD epsilon (pixels) of the robustness evaluation.")
 flags.DEFINE_integer("eval_num_steps", None, "PGD iterations (default: epsilon+1, 1 for epsilon 1).")
 flags.DEFINE_float("eval_step_size", 1.0, "PGD step in pixels.")
+flags.DEFINE_integer("eval_restarts", 1, "PGD restarts of the evaluation, each from a random start (the per-image "
+                     "worst case counts).")
 flags.DEFINE_bool("eval_targeted", False, "Targeted PGD in the evaluation (default: untargeted, the harder test).")
 flags.DEFINE_string("corruptions", "all", "Corruptions of the evaluation (all or names).")
 flags.DEFINE_list("severities", ["1", "2", "3", "4", "5"], "Corruption severities.")
@@ -170,7 +172,8 @@ def measure(method, model_dir, domain):
     args = [f"--model_dir={model_dir}", f"--domain={domain}", "--attack=pgd", f"--epsilon={FLAGS.eval_epsilon}",
             f"--step_size={FLAGS.eval_step_size}", f"--targeted={FLAGS.eval_targeted}",
             f"--corruptions={FLAGS.corruptions}", f"--severities={','.join(FLAGS.severities)}",
-            f"--batch_size={FLAGS.eval_batch_size}", f"--max_batches={FLAGS.eval_max_batches}"]
+            f"--batch_size={FLAGS.eval_batch_size}", f"--max_batches={FLAGS.eval_max_batches}",
+            f"--restarts={FLAGS.eval_restarts}"]
     if FLAGS.eval_num_steps:
         args.append(f"--num_steps={FLAGS.eval_num_steps}")
     fv(["evaluate", *args])
@@ -448,7 +451,8 @@ def compare():
     rows = [row for v in variants for seed in seeds for method in FLAGS.methods
             for row in run_method(method, plans[(v, seed)][method], existing, v)]
     pgd = rows[0]["evaluation"]["pgd"]
-    pgd_label = f"PGD-{pgd['num_steps']} ε={pgd['epsilon']:g} acc." + (" (targeted)" if pgd["targeted"] else "")
+    pgd_label = f"PGD-{pgd['num_steps']} ε={pgd['epsilon']:g} acc." + (" (targeted)" if pgd["targeted"] else "") + (
+        f" (worst of {pgd['restarts']} restarts)" if pgd.get("restarts", 1) > 1 else "")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     wall = time.time() - started
     summary = summarize(rows)

@@ -27,18 +27,21 @@ class Classifier:
     run_config: dict = dataclasses.field(default_factory=dict)  # a training directory's run_config.json
 
 
-def classifier_from_model_dir(model_dir: str, domain: str = MAIN, use_ema: bool | None = None) -> Classifier:
-    """The training model of `model_dir`, routed through `domain`'s BN, in inference mode (ConfigError naming
-    the field on a bad directory, domain or EMA choice)."""
+def classifier_from_model_dir(model_dir: str, domain: str = MAIN, use_ema: bool | None = None,
+                              bn_mode: str = "inference") -> Classifier:
+    """The training model of `model_dir`, routed through `domain`'s BN, in inference mode, or with `bn_mode`
+    "batch" normalizing each batch by its own statistics as in training (without updating them): the BN
+    that behaves the same at training and test time of "Intriguing Properties of Adversarial Training at
+    Scale". ConfigError naming the field on a bad directory, domain or EMA choice."""
     from advprop_tf.training.trained import load_trained
 
     model, run, step, use_ema = load_trained(model_dir, use_ema, domain)
     spec = tf.TensorSpec([None, model.resolution, model.resolution, 3], tf.float32)
-    logits_fn = tf.function(lambda x: tf.cast(model(x, training=False, domain=domain), tf.float32),
+    logits_fn = tf.function(lambda x: tf.cast(model(x, training=False, domain=domain, bn_mode=bn_mode), tf.float32),
                             input_signature=[spec])
     return Classifier(logits_fn, model.resolution, model.num_classes, {
         "kind": "model_dir", "path": model_dir, "model": model.model_name, "domain": domain,
-        "ema": bool(use_ema), "step": step, "method": run.get("method"),
+        "ema": bool(use_ema), "step": step, "method": run.get("method"), "bn_mode": bn_mode,
     }, run)
 
 

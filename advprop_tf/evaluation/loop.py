@@ -40,25 +40,35 @@ def clean_measure(classifier: Classifier):
     return counts
 
 
-def attack_measure(classifier: Classifier, attack: AttackConfig):
+RESTART_STREAM = 0x5E57  # restart r's start and targets are folded from the batch's seed with this salt + r
+
+
+def attack_measure(classifier: Classifier, attack: AttackConfig, restarts: int = 1):
     """[correct under PGD, targets hit (targeted) or errors (untargeted)] of a batch, the attack made on the
-    evaluated network itself."""
+    evaluated network itself. With `restarts` > 1 each of them starts at its own random point of the ball
+    (and a targeted one draws its own targets): an image counts as correct only if it survives all of them,
+    as hit if any of them hits (the per-image worst case, as robustness is reported)."""
     logits_fn, num_classes = classifier.logits_fn, classifier.num_classes
 
     def counts(images, labels, batch_seed):
         valid = tf.cast(labels >= 0, tf.float32)
         safe_labels = tf.maximum(labels, 0)
-        adversarial = pgd(logits_fn, images, safe_labels, attack.epsilon, attack.steps, attack.step_size,
-                          targeted=attack.targeted, random_start=attack.random_start, num_classes=num_classes,
-                          seed=batch_seed, prob_start_from_clean=attack.prob_start_from_clean)
-        predictions = tf.argmax(logits_fn(adversarial), -1, output_type=tf.int32)
-        correct = tf.reduce_sum(tf.cast(tf.equal(predictions, safe_labels), tf.float32) * valid)
-        if attack.targeted:
-            targets = random_wrong_labels(safe_labels, num_classes, batch_seed)
-            hit = tf.reduce_sum(tf.cast(tf.equal(predictions, targets), tf.float32) * valid)
-        else:
-            hit = tf.reduce_sum(tf.cast(tf.not_equal(predictions, safe_labels), tf.float32) * valid)
-        return tf.stack([correct, hit])
+        robust = tf.ones_like(valid, tf.bool)
+        hit = tf.zeros_like(valid, tf.bool)
+        for restart in range(restarts):
+            seed = batch_seed if restarts == 1 else randomness.fold_in(batch_seed, RESTART_STREAM + restart)
+            adversarial = pgd(logits_fn, images, safe_labels, attack.epsilon, attack.steps, attack.step_size,
+                              targeted=attack.targeted, random_start=attack.random_start or restarts > 1,
+                              num_classes=num_classes, seed=seed,
+                              prob_start_from_clean=attack.prob_start_from_clean if restarts == 1 else 0.0)
+            predictions = tf.argmax(logits_fn(adversarial), -1, output_type=tf.int32)
+            robust = tf.logical_and(robust, tf.equal(predictions, safe_labels))
+            if attack.targeted:
+                hit = tf.logical_or(hit, tf.equal(predictions, random_wrong_labels(safe_labels, num_classes, seed)))
+            else:
+                hit = tf.logical_not(robust)
+        return tf.stack([tf.reduce_sum(tf.cast(robust, tf.float32) * valid),
+                         tf.reduce_sum(tf.cast(hit, tf.float32) * valid)])
 
     return counts
 
@@ -84,7 +94,8 @@ def evaluate(classifier: Classifier, dataset, *, attack: AttackConfig | None = N
              corruptions: Sequence[str] = (), severities: Sequence[int] = (1, 2, 3, 4, 5),
              seed: int = 0, num_examples: int | None = None, max_batches: int | None = None,
              label_map: Callable | None = None, progress: Callable[[str], None] | None = None,
-             strategy: tf.distribute.Strategy | None = None, corrupt_fn: Callable = corrupt) -> dict:
+             strategy: tf.distribute.Strategy | None = None, corrupt_fn: Callable = corrupt,
+             restarts: int = 1) -> dict:
     """One pass over `dataset` (batches of pixels, labels); returns the results dict.
 
     This is THE evaluation loop: the trainer calls it with its strategy and a
@@ -100,7 +111,7 @@ def evaluate(classifier: Classifier, dataset, *, attack: AttackConfig | None = N
     severities = tuple(severities)
     measures = [clean_measure(classifier)]
     if attack is not None:
-        measures.append(attack_measure(classifier, attack))
+        measures.append(attack_measure(classifier, attack, restarts))
     if corruptions:
         measures.append(corruption_measure(classifier, corruptions, severities, corrupt_fn))
 
@@ -129,13 +140,13 @@ def evaluate(classifier: Classifier, dataset, *, attack: AttackConfig | None = N
             progress(_progress_line(int(totals[0][2]), num_examples, time.time() - started))
     if totals is None:
         totals = [np.zeros(3), np.zeros(2), np.zeros([len(corruptions), len(severities)])][:len(measures)]
-    results = _results(classifier, totals, attack, corruptions, severities, time.time() - started)
+    results = _results(classifier, totals, attack, corruptions, severities, time.time() - started, restarts)
     if progress is not None:
         progress(_progress_line(results["examples"], num_examples, time.time() - started, finished=True))
     return results
 
 
-def _results(classifier, totals, attack, corruptions, severities, seconds) -> dict:
+def _results(classifier, totals, attack, corruptions, severities, seconds, restarts=1) -> dict:
     """The results dict of the summed counts."""
     clean = totals.pop(0)
     attacked = totals.pop(0) if attack is not None else None
@@ -149,7 +160,8 @@ def _results(classifier, totals, attack, corruptions, severities, seconds) -> di
     }
     if attack is not None:
         results["pgd"] = dict(epsilon=attack.epsilon, num_steps=attack.steps, step_size=attack.step_size,
-                              targeted=attack.targeted, random_start=attack.random_start, accuracy=float(attacked[0] / n))
+                              targeted=attack.targeted, random_start=attack.random_start or restarts > 1,
+                              restarts=restarts, accuracy=float(attacked[0] / n))
         results["pgd"]["target_success_rate" if attack.targeted else "error_rate"] = float(attacked[1] / n)
     if corruptions:
         per_name = {}

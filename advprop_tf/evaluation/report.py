@@ -66,7 +66,8 @@ def results_table(results: dict) -> str:
     if "pgd" in results:
         p = results["pgd"]
         kind = "targeted" if p["targeted"] else "untargeted"
-        lines.append(f"PGD-{p['num_steps']} eps {p['epsilon']:g} ({kind}) accuracy {p['accuracy']:.4f}")
+        restarts = f", worst of {p['restarts']} restarts" if p.get("restarts", 1) > 1 else ""
+        lines.append(f"PGD-{p['num_steps']} eps {p['epsilon']:g} ({kind}{restarts}) accuracy {p['accuracy']:.4f}")
         if p["targeted"]:
             lines.append(f"  target success rate {p['target_success_rate']:.4f}")
     if "corruptions" in results:
