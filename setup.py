@@ -40,7 +40,11 @@ setup(
         # keras-hub is not an extra: its releases require tensorflow-text, which requires the full
         # `tensorflow` package beside our tensorflow-cpu/-tpu, and an older kagglesdk than keras-cv's
         # kagglehub. The tests install it with --no-deps (README); these are its other needs.
-        "test": ["pytest>=7", "matplotlib>=3.7", "imagecorruptions==1.1.2", "regex", "sentencepiece", "tokenizers"],
+        # The TPU compiler without a TPU (tools/tpu_compile.py): libtpu through jax[tpu], which compiles for a
+        # compile-only topology description. jax 0.10.2 is the newest for Python 3.11 (0.11 needs 3.12).
+        "tpu-compile": ["jax[tpu]==0.10.2; python_version >= '3.11'"],
+        "test": ["pytest>=7", "matplotlib>=3.7", "imagecorruptions==1.1.2", "regex", "sentencepiece", "tokenizers",
+                 "jax[tpu]==0.10.2; python_version >= '3.11'"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -81,12 +81,12 @@ def train_tiny(method_name="advprop", steps=100, batch_size=32, lr=0.016, attack
     return model, step
 
 
-def accuracy(model, domain=None, num_examples=256, size=32):
+def accuracy(model, domain=None, num_examples=256, size=32, bn_mode=None):
     import numpy as np
 
     correct = total = 0
     for x, y in synthetic_batches(64, size, model.num_classes, "validation", num_examples):
-        pred = np.argmax(model(x, training=False, domain=domain).numpy(), -1)
+        pred = np.argmax(model(x, training=False, domain=domain, bn_mode=bn_mode).numpy(), -1)
         correct += int((pred == y.numpy()).sum())
         total += len(pred)
     return correct / total

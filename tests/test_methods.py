@@ -160,10 +160,14 @@ def test_attack_config_validation():
 
 
 def test_advprop_learns_the_synthetic_set():
-    """A few hundred AdvProp steps: a smoke of learning, far above 10% chance."""
+    """A few hundred AdvProp steps: a smoke of learning, far above 10% chance, measured with each validation
+    batch's own BN statistics. After 300 steps of this tiny network the moving statistics still lag the
+    weights, by an amount that depends on the machine's kernels (measured here: 0.13 with them against 0.55
+    with batch statistics; 0.32 against 0.53 for vanilla), so they cannot tell learning apart; their updates
+    are checked exactly in test_multi_bn.py and above."""
     model, step = train_tiny("advprop", steps=300)
     assert int(step.global_step.numpy()) == 300
-    assert accuracy(model) > 0.35
+    assert accuracy(model, bn_mode="batch") > 0.35
 
 
 def make_bns_differ(model, domain="adv", seed=0):
