@@ -66,7 +66,7 @@ def trained(tmp_path_factory):
 _REPORTS_ENV = "ADVPROP_TEST_REPORTS"  # set in a child only: where it writes its reports
 # Longest first, so that two processes finish together.
 _LONGEST_FILES = ("test_xla.py", "test_training.py", "test_compare_methods.py", "test_interruptions.py",
-                  "test_multi_worker.py",
+                  "test_multi_worker.py", "test_tpu_compile.py",
                   "test_efficientnet.py", "test_keras.py", "test_export.py", "test_run_dir.py")
 # Light files share a process (a process costs ~8 s of imports): those of a few seconds each, and those
 # of tiny models or of one command line each.
