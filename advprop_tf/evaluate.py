@@ -75,7 +75,9 @@ def define_flags(fv=FLAGS):
     d("integer", "restarts", 1, "PGD restarts, each from its own random start: an image counts as robust only if "
       "it survives every one (the per-image worst case).")
     d("enum", "bn_mode", "inference", ["inference", "batch"], "A training directory's BNs: inference (moving "
-      "statistics) or batch (each batch's own statistics, as in training, not updated).")
+      "statistics) or batch (each batch's own statistics, as in training, not updated; the split is then read in "
+      "a fixed random order, so that batches mix the classes; padding would enter the statistics: choose a "
+      "--batch_size that divides the split).")
     d("string", "corruptions", "", "all, or a comma-separated list of corruption names.")
     d("enum", "corruption_backend", "ingraph", list(BACKENDS),
       "ingraph (ImageNet-C-style, quick), imagecorruptions (the ImageNet-C code) or tfds "
@@ -214,7 +216,10 @@ def run(f=FLAGS, log=print):
         attack = AttackConfig(f.epsilon, f.num_steps, f.step_size, f.targeted, f.random_start)
     def measure(source, split, crop=f.eval_crop, **kwargs):
         # Padded to full batches (label -1, not counted): every batch has one shape, one trace.
-        data = eval_dataset(source, classifier.resolution, f.batch_size, split=split, pad_to_batch=True, crop=crop)
+        # batch statistics need batches that mix the classes as training's did: the split in a fixed random order
+        shuffle = f.seed if f.bn_mode == "batch" else None
+        data = eval_dataset(source, classifier.resolution, f.batch_size, split=split, pad_to_batch=True, crop=crop,
+                            shuffle_seed=shuffle)
         total = source.num_examples(split)
         if f.max_batches:
             total = min(total or f.max_batches * f.batch_size, f.max_batches * f.batch_size)

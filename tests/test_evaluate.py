@@ -282,5 +282,15 @@ def test_pgd_restarts_take_the_per_image_worst_case_and_batch_statistics_are_an_
     assert results["pgd"]["restarts"] == 3 and results["pgd"]["random_start"]
     batch = classifier_from_model_dir(str(model_dir), bn_mode="batch")
     assert not np.allclose(batch.logits_fn(x).numpy(), classifier.logits_fn(x).numpy(), atol=1e-3)
+    batch_run, _ = evaluate_cli.run(cli_flags(f"--model_dir={model_dir}", "--bn_mode=batch", "--batch_size=40",
+                                              f"--output={tmp_path / 'b.json'}"), log=lambda line: None)
+    assert batch_run["examples"] == 200 and batch_run["classifier"]["bn_mode"] == "batch"  # every image, once
+    from advprop_tf.data.pipeline import eval_dataset
+    from advprop_tf.data.sources import parse_source
+
+    source = parse_source("synthetic", None, 10, 0.0, synthetic_size=37, synthetic_examples=128, seed=0)
+    in_order, shuffled = ([int(v) for _, y in eval_dataset(source, 32, 40, shuffle_seed=seed) for v in y]
+                          for seed in (None, 0))
+    assert sorted(in_order) == sorted(shuffled) and in_order != shuffled
     with pytest.raises(ConfigError, match="restarts: needs --attack=pgd"):
         evaluate_cli.run(cli_flags(f"--model_dir={model_dir}", "--restarts=2"), log=lambda line: None)

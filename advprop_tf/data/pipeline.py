@@ -179,9 +179,13 @@ def eval_dataset(source: Source, size: int, batch_size: int, split: str = "valid
                  stats: DecodeStats | None = None,
                  input_context: tf.distribute.InputContext | None = None,
                  cache: bool = False, pad_to_batch: bool = False, batches_multiple_of: int = 1,
-                 crop: str = "center") -> tf.data.Dataset:
+                 crop: str = "center", shuffle_seed: int | None = None) -> tf.data.Dataset:
     """One pass of (pixels, labels) with the 0.875 center crop, or resized only (`crop="none"`: images that
     were center-cropped already, as ImageNet-C's).
+
+    `shuffle_seed`: the split in a fixed random order (a 10,000-record buffer), so that each batch mixes the
+    classes as training batches do (a folder lists its images class by class): for an evaluation with each
+    batch's own BN statistics.
 
     The last batch is short, or with `pad_to_batch` padded to `batch_size`
     with label -1 (static shapes). `batches_multiple_of` (with `pad_to_batch`)
@@ -190,6 +194,8 @@ def eval_dataset(source: Source, size: int, batch_size: int, split: str = "valid
     which tf.distribute would drop.
     """
     ds = source.dataset(split, input_context)
+    if shuffle_seed is not None:
+        ds = ds.shuffle(10_000, seed=shuffle_seed, reshuffle_each_iteration=False)
     if source.encoded:
         stats = stats or DecodeStats()
         ds = ds.filter(stats.keep)
