@@ -208,8 +208,10 @@ def save_figure(fig, path):
         f.write(buffer.getvalue())
 
 
-def write_chart(rows, path, pgd_label):
-    """Grouped bars: clean, PGD and mean corruption accuracy per method. Returns False without matplotlib."""
+def write_chart(rows, path, pgd_label, seed_rows=None):
+    """Grouped bars: clean, PGD and mean corruption accuracy per method (metrics that were not measured left
+    out); with `seed_rows` (several seeds) the bars are the means and each seed's value is a dot on its bar.
+    Returns False without matplotlib."""
     try:
         import matplotlib
 
@@ -219,20 +221,25 @@ def write_chart(rows, path, pgd_label):
         return False
     import numpy as np
 
-    metrics = [("clean_top_1", "clean top-1"), ("pgd_accuracy", pgd_label),
-               ("mean_corruption_accuracy", "mean ImageNet-C-style corruption acc.")]
+    metrics = [(key, label) for key, label in (("clean_top_1", "clean top-1"), ("pgd_accuracy", pgd_label),
+                                                ("mean_corruption_accuracy", "mean ImageNet-C-style corruption acc."))
+               if any(row.get(key) is not None for row in rows)]
     x = np.arange(len(rows))
     width = 0.8 / len(metrics)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for i, (key, label) in enumerate(metrics):
+        offset = x + (i - (len(metrics) - 1) / 2) * width
         values = [row.get(key) or 0.0 for row in rows]
-        bars = ax.bar(x + (i - 1) * width, values, width, label=label)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        bars = ax.bar(offset, values, width, label=label + (" (mean; dots: seeds)" if seed_rows else ""))
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        for position, row in zip(offset, rows):
+            seeds = [r[key] for r in seed_rows or () if r["label"] == row["label"] and r.get(key) is not None]
+            ax.scatter([position] * len(seeds), seeds, s=9, color="black", zorder=3)
     ax.set_xticks(x, [row["label"] for row in rows], rotation=20 if len(rows) > 4 else 0, fontsize=7)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    ax.set_title("Training methods compared")
+    ax.set_title("Training methods compared" + (f" ({len({r['seed'] for r in seed_rows})} seeds)" if seed_rows else ""))
     save_figure(fig, path)
     return True
 
@@ -460,7 +467,8 @@ def compare():
     budget = (f" Every method had the same training budget of {FLAGS.time_budget_seconds:g} s (steps from "
               "its measured s/step)." if FLAGS.time_budget_seconds else "")
     tf.io.gfile.makedirs(FLAGS.output_dir)
-    have_chart = write_chart(summary if len(seeds) > 1 else rows, join(FLAGS.output_dir, "comparison.png"), pgd_label)
+    have_chart = write_chart(summary if len(seeds) > 1 else rows, join(FLAGS.output_dir, "comparison.png"), pgd_label,
+                             seed_rows=rows if len(seeds) > 1 else None)
     if len(variants) > 1:
         write_variant_chart(summary, join(FLAGS.output_dir, "variant.png"), pgd_label, list(variants))
     seeds_note = f" Seeds {', '.join(map(str, seeds))}: mean ± sample std." if len(seeds) > 1 else ""
