@@ -8,10 +8,11 @@ signal number to a wakeup file descriptor at once, the watcher thread wakes
 and sets the train step's stop flag, and the graph loop ends after the step
 it is in. The trainer then saves a checkpoint and returns.
 
-Several workers: the stop flag is agreed inside the graph loop (the maximum
-over all workers, every step), so a SIGTERM to ANY worker stops them all after
-the same step and every worker saves that step; none is left waiting in a
-collective. (TensorFlow's PreemptionCheckpointHandler, used here before, saves
+Several workers: the stop flag is agreed inside the graph loop (the sum of the
+flags over all replicas, every step: step.py), so a SIGTERM to ANY worker stops
+them all after the same step and every worker saves that step; none is left
+waiting in a collective. The command then exits with the restart code (42,
+train.py): a stopped run is not a finished one. (TensorFlow's PreemptionCheckpointHandler, used here before, saves
 only after one more host loop once a worker is signalled -- its protocol agrees
 on "run counter + 1" between host loops -- and on Google Cloud it ignores TPU
 and CPU devices altogether.)

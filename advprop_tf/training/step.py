@@ -83,7 +83,10 @@ class TrainStep:
                 self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                                                synchronization=tf.VariableSynchronization.ON_READ,
                                                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        # Host-side and never checkpointed: set (from any thread) to end the current graph loop early.
+        # The stop flag: a variable created in the strategy's scope (a mirrored one under several replicas),
+        # never checkpointed. The SIGTERM watcher sets it from its thread (request_stop); the graph loop reads
+        # it on the device before every step after the first (_stop_requested), where the workers agree on it
+        # by a SUM over the replicas, so that one worker's flag stops every worker after the same step.
         self.stop_flag = tf.Variable(False, trainable=False, name="stop_requested")
         self._statistics = [v for layer in model.bn_layers() for d in layer.domains
                             for key, v in layer.domain_variables(d).items() if key.startswith("moving")]
