@@ -186,10 +186,9 @@ def run(f=FLAGS, log=print):
     if not dataset_spec:
         raise UsageError("dataset", f"is required ({f.model_dir!r} does not record its training data)")
     data_dir = f.data_dir if f.data_dir is not None else (None if f.dataset else options.get("data_dir"))
-    if f.holdout_fraction is not None:
-        holdout = f.holdout_fraction
-    else:  # the training data's own holdout; another dataset given here has none
-        holdout = 0.0 if f.dataset else options.get("holdout_fraction", 0.0)
+    # the flag, else the training data's own holdout (another dataset given here has none)
+    holdout = f.holdout_fraction if f.holdout_fraction is not None else (
+        0.0 if f.dataset else options.get("holdout_fraction", 0.0))
     split = f.split
     if split is None:  # a folder given for evaluation, without a holdout: every image is evaluation data
         split = "train" if f.dataset and f.dataset.partition(":")[0] == "folder" and holdout == 0 else "validation"
@@ -215,11 +214,10 @@ def run(f=FLAGS, log=print):
     if f.attack == "pgd":
         attack = AttackConfig(f.epsilon, f.num_steps, f.step_size, f.targeted, f.random_start)
     def measure(source, split, crop=f.eval_crop, **kwargs):
-        # Padded to full batches (label -1, not counted): every batch has one shape, one trace.
-        # batch statistics need batches that mix the classes as training's did: the split in a fixed random order
-        shuffle = f.seed if f.bn_mode == "batch" else None
+        # Padded to full batches (label -1, not counted): every batch has one shape, one trace. Batch statistics
+        # need batches that mix the classes as training's did: then the split in a fixed random order.
         data = eval_dataset(source, classifier.resolution, f.batch_size, split=split, pad_to_batch=True, crop=crop,
-                            shuffle_seed=shuffle)
+                            shuffle_seed=f.seed if f.bn_mode == "batch" else None)
         total = source.num_examples(split)
         if f.max_batches:
             total = min(total or f.max_batches * f.batch_size, f.max_batches * f.batch_size)

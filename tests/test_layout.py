@@ -44,7 +44,7 @@ def test_only_methods_name_a_method_and_only_the_domain_spec_spells_a_domain():
 
 # Layers, low to high: a module imports only from its own layer or below (and never a command line's module).
 LAYERS = [
-    {"advprop_tf.errors", "advprop_tf.paths", "advprop_tf.randomness", "advprop_tf.domains",
+    {"advprop_tf.errors", "advprop_tf.paths", "advprop_tf.randomness", "advprop_tf.domains", "advprop_tf.startup",
      "advprop_tf.data", "advprop_tf.attacks", "advprop_tf.models", "advprop_tf.benchmarking"},
     {"advprop_tf.methods"},
     {"advprop_tf.config"},
