@@ -75,7 +75,7 @@ def main(argv, flag_values=flags.FLAGS):
         stopped(str(e), config.run.model_dir, e.checkpoint)
     if not trainer.finished:
         stopped(f"{trainer.stop_reason} at step {trainer.step} of {trainer.total_steps}", config.run.model_dir,
-                trainer.run_dir.latest_checkpoint())
+                trainer.resume_checkpoint)
     exported = f"; exported to {path}" if path else ""
     if trainer.results is not None:
         print(f"final: top-1 {trainer.results['top_1']:.4f} top-5 {trainer.results['top_5']:.4f} "

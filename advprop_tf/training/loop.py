@@ -115,6 +115,7 @@ class Trainer:
                                  self.inputs.decode_stats.skipped)
         self.results = None
         self.stop_reason = None  # why the run ended before total_steps (a SIGTERM), else None
+        self.resume_checkpoint = None  # then: the chief's checkpoint a restart resumes from
         self.no_evaluation_reason = None  # why the final evaluation did not run, else None
 
     def _agreed(self, value: int) -> int:
@@ -194,6 +195,7 @@ class Trainer:
                     path = self.save()
                     self.progress.write_stats(step)
                     self.stop_reason = "SIGTERM" if watcher.requested else "SIGTERM to another worker"
+                    self.resume_checkpoint = self.run_dir.chief_checkpoint_of(path)
                     logging.warning("%s: saved %s at step %d; exiting (weights fingerprint %s)",
                                     self.stop_reason, path, step, weights_fingerprint(self.model))
                     return None

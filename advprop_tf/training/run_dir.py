@@ -29,7 +29,7 @@ import tensorflow as tf
 from absl import logging
 
 from advprop_tf.errors import ConfigError
-from advprop_tf.paths import is_url, join
+from advprop_tf.paths import basename, is_url, join
 
 RUN_CONFIG = "run_config.json"
 SEED = "seed.txt"
@@ -128,6 +128,11 @@ class RunDir:
 
     def latest_checkpoint(self):
         return tf.train.latest_checkpoint(self.chief_checkpoint_dir)
+
+    def chief_checkpoint_of(self, saved: str) -> str:
+        """The chief's prefix of a checkpoint this worker just saved (a non-chief saves into its private
+        directory): what a restart resumes from, known without waiting for the chief's state file."""
+        return join(self.chief_checkpoint_dir, basename(saved))
 
     def checkpoints_newest_first(self) -> list:
         """Every checkpoint prefix of the series (ckpt-<step>), the highest step first.
