@@ -59,11 +59,12 @@ def help_text(usage: str, flag_values, groups) -> str:
     return "\n".join(lines)
 
 
-def own_flags(flag_values, program: str) -> dict:
-    """{"flags": the names of the flags this package's or a tool's modules defined} (a command without groups)."""
+def own_flags(flag_values) -> dict:
+    """{"flags": the names of the flags this package's modules or the running script defined} (a command
+    without groups)."""
     names = []
     for module, defined in flag_values.flags_by_module_dict().items():
-        if module.startswith(("advprop_tf", "tools", "__main__")) or program in module:
+        if module.startswith("advprop_tf") or module in ("__main__", sys.argv[0]):  # absl names a script by its path
             names.extend(flag.name for flag in defined if flag.name not in names)
     return {"flags": names}
 
@@ -74,7 +75,7 @@ def run(main, program: str, flag_values=flags.FLAGS, argv=None, usage=None, grou
     arguments = sys.argv if argv is None else argv
     if any(a in HELP_FLAGS for a in arguments[1:]):
         usage = usage if usage is not None else sys.modules["__main__"].__doc__
-        print(help_text(usage, flag_values, groups or own_flags(flag_values, program)))
+        print(help_text(usage, flag_values, groups or own_flags(flag_values)))
         sys.exit(0)
 
     def parse(argv):
